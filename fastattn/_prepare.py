@@ -1,0 +1,276 @@
+"""Host-side checks and preparation shared by every backend.
+
+The public functions call these to turn user input into a small, uniform problem: C-contiguous
+arrays in the compute dtype with the leading dims flattened, and masks turned into an additive
+float array that kernels read in place through per-row offsets (never expanded to (..., L, S)).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+SIMILARITIES = ("dot", "cosine")
+SIMILARITY_KINDS = ("dot", "scaled_dot", "cosine")
+
+
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    """float16 is computed in float32; float32 and float64 in themselves."""
+    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
+
+
+def check_float_array(x, name: str) -> np.ndarray:
+    if hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} is a GPU array; use backend='cuda' or 'auto' for device arrays")
+    arr = np.asarray(x)
+    if arr.dtype not in (np.float16, np.float32, np.float64):
+        raise TypeError(
+            f"{name} must be a float16, float32 or float64 array, got dtype {arr.dtype}")
+    return arr
+
+
+def check_choice(value, name: str, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_scale(scale) -> float | None:
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def check_flag(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def check_dropout(dropout_p) -> None:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0.0:
+        raise NotImplementedError(
+            "dropout_p > 0 is not implemented: fastattn computes inference-time attention; "
+            "pass dropout_p=0.0")
+
+
+def contiguous(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A C-contiguous array of ``dtype``; a copy only when needed, never a view the caller can write."""
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length; zero rows stay zero (so cosine similarity is 0, not NaN)."""
+    norm = np.sqrt(np.einsum("...i,...i->...", x, x))[..., None]
+    return x / np.where(norm == 0, 1, norm).astype(x.dtype)
+
+
+@dataclass
+class Mask:
+    """An additive mask read in place: row r of the flattened (rows, cols) problem starts at
+    ``values[row_offset[r]]`` and steps by ``col_stride`` (0 where the mask broadcasts)."""
+    values: np.ndarray      # 1-d, compute dtype: 0 keep, -inf drop, or the user's float values
+    row_offset: np.ndarray  # int64 (rows,)
+    col_stride: int
+
+    @staticmethod
+    def empty(dtype) -> "Mask":
+        return Mask(np.zeros(1, dtype), np.zeros(1, np.int64), 0)
+
+
+def check_mask(mask, name: str, target_shape: tuple, target_desc: str) -> np.ndarray:
+    """Check dtype (bool or float) and that ``mask`` broadcasts to ``target_shape``."""
+    if hasattr(mask, "__cuda_array_interface__") and not isinstance(mask, np.ndarray):
+        mask = np.asarray(mask.copy_to_host() if hasattr(mask, "copy_to_host") else mask)
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_ and mask.dtype.kind != "f":
+        raise TypeError(
+            f"{name} must be a bool array (True = takes part) or a float array (added to the "
+            f"scores), got dtype {mask.dtype}")
+    try:
+        np.broadcast_shapes(mask.shape, target_shape)
+        ok = np.broadcast_shapes(mask.shape, target_shape) == tuple(target_shape)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{name} of shape {mask.shape} does not broadcast to the {target_desc} shape "
+            f"{tuple(target_shape)}")
+    return mask
+
+
+def additive_mask(mask: np.ndarray, target_shape: tuple, dtype, axis: int = -1) -> Mask:
+    """Turn a checked mask into a :class:`Mask` over the rows of ``target_shape``, the rows
+    running along ``axis`` (moved last, as the data is).
+
+    Only the user's own (unbroadcast) mask is converted, so the memory stays that of the mask.
+    """
+    if mask.dtype == np.bool_:
+        values = np.where(mask, dtype.type(0), dtype.type(-np.inf))
+    else:
+        values = mask.astype(dtype)
+    values = np.ascontiguousarray(values)
+    view = np.moveaxis(np.broadcast_to(values, target_shape), axis, -1)
+    item = values.itemsize
+    row_shape = view.shape[:-1]
+    row_offset = np.zeros(row_shape, np.int64)
+    for dim, (size, stride) in enumerate(zip(row_shape, view.strides[:-1])):
+        if stride and size > 1:
+            steps = np.arange(size, dtype=np.int64) * (stride // item)
+            row_offset += steps.reshape((size,) + (1,) * (len(row_shape) - dim - 1))
+    return Mask(values.reshape(-1), row_offset.reshape(-1), view.strides[-1] // item)
+
+
+@dataclass
+class AttentionProblem:
+    """SDPA inputs with leading dims flattened: query head n uses key/value head n // group."""
+    q: np.ndarray       # (N, L, E)
+    k: np.ndarray       # (N // group, S, E)
+    v: np.ndarray       # (N // group, S, Ev), or None for attention_weights
+    group: int
+    scale: float
+    causal: bool
+    mask: Mask | None
+    out_shape: tuple    # the user's (..., L, Ev)
+    lse_shape: tuple    # the user's (..., L)
+    weights_shape: tuple  # the user's (..., L, S)
+    in_dtype: np.dtype
+    dtype: np.dtype
+
+
+def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa, similarity,
+                      *, need_value: bool = True) -> AttentionProblem:
+    """Check SDPA-style input and build the flattened problem (see ``AttentionProblem``)."""
+    query = check_float_array(query, "query")
+    key = check_float_array(key, "key")
+    names = ("query", "key", "value") if need_value else ("query", "key")
+    arrays = [query, key]
+    if need_value:
+        value = check_float_array(value, "value")
+        arrays.append(value)
+    for name, arr in zip(names, arrays):
+        if arr.ndim < 2:
+            raise ValueError(f"{name} must have at least 2 dims (..., seq, features), "
+                             f"got shape {arr.shape}")
+    dtypes = {arr.dtype for arr in arrays}
+    if len(dtypes) != 1:
+        got = ", ".join(f"{n} {a.dtype}" for n, a in zip(names, arrays))
+        raise TypeError(f"query, key and value must have the same dtype, got {got}")
+    if len({arr.ndim for arr in arrays}) != 1:
+        got = ", ".join(f"{n} {a.shape}" for n, a in zip(names, arrays))
+        raise ValueError(f"query, key and value must have the same number of dims, got {got}")
+    is_causal = check_flag(is_causal, "is_causal")
+    enable_gqa = check_flag(enable_gqa, "enable_gqa")
+    scale = check_scale(scale)
+    check_choice(similarity, "similarity", SIMILARITIES)
+
+    *lead_q, L, E = query.shape
+    *lead_k, S, Ek = key.shape
+    if E != Ek:
+        raise ValueError(f"query and key must have the same feature size E: query {query.shape} "
+                         f"has E={E}, key {key.shape} has E={Ek}")
+    if E == 0:
+        raise ValueError(f"query and key need a feature size E >= 1, got query {query.shape}")
+    if need_value:
+        *lead_v, Sv, Ev = value.shape
+        if Sv != S:
+            raise ValueError(f"key and value must have the same sequence length S: key "
+                             f"{key.shape} has S={S}, value {value.shape} has S={Sv}")
+        if lead_v != lead_k:
+            raise ValueError(f"key {key.shape} and value {value.shape} must have the same "
+                             f"leading dims")
+    else:
+        Ev = 0
+    group = 1
+    if enable_gqa and query.ndim >= 3:
+        if lead_q[:-1] != lead_k[:-1]:
+            raise ValueError(f"query {query.shape} and key {key.shape} must have the same batch "
+                             f"dims (all but the last three)")
+        hq, hkv = lead_q[-1], lead_k[-1]
+        if hkv == 0 or hq % hkv:
+            raise ValueError(f"enable_gqa needs query heads Hq={hq} to be a multiple of key/value "
+                             f"heads Hkv={hkv} (query {query.shape}, key {key.shape})")
+        group = hq // hkv
+    elif lead_q != lead_k:
+        hint = (" (for grouped-query attention with fewer key/value heads pass enable_gqa=True)"
+                if query.ndim >= 3 and lead_q[:-1] == lead_k[:-1] else "")
+        raise ValueError(f"query {query.shape} and key {key.shape} must have the same leading "
+                         f"dims{hint}")
+
+    dtype = compute_dtype(query.dtype)
+    weights_shape = (*lead_q, L, S)
+    mask = None
+    if attn_mask is not None:
+        checked = check_mask(attn_mask, "attn_mask", weights_shape, "attention weights (..., Hq, L, S)")
+        mask = additive_mask(checked, weights_shape, dtype)
+
+    if scale is None:
+        scale = 1.0 if similarity == "cosine" else 1.0 / math.sqrt(E)
+    N = int(np.prod(lead_q, dtype=np.int64))
+    q = contiguous(query, dtype).reshape(N, L, E)
+    k = contiguous(key, dtype).reshape(N // group, S, E)
+    if similarity == "cosine":
+        q, k = unit_rows(q), unit_rows(k)
+    v = contiguous(value, dtype).reshape(N // group, S, Ev) if need_value else None
+    return AttentionProblem(q, k, v, group, scale, is_causal, mask, (*lead_q, L, Ev),
+                            (*lead_q, L), weights_shape, query.dtype, dtype)
+
+
+def prepare_softmax(x, axis, mask):
+    """Check softmax input; return (x moved to (rows, cols), Mask or None, undo-shape info)."""
+    x = check_float_array(x, "x")
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    if x.ndim == 0:
+        raise ValueError("x must have at least 1 dim, got a 0-d array")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of range for x of shape {x.shape}")
+    axis = axis % x.ndim
+    dtype = compute_dtype(x.dtype)
+    moved = np.moveaxis(x, axis, -1)
+    rows = contiguous(moved, dtype).reshape(-1, x.shape[axis]) if x.size else \
+        np.zeros((int(np.prod(moved.shape[:-1])), x.shape[axis]), dtype)
+    prepared_mask = None
+    if mask is not None:
+        checked = check_mask(mask, "mask", x.shape, "x")
+        prepared_mask = additive_mask(checked, x.shape, dtype, axis)
+    return rows, prepared_mask, moved.shape, axis, dtype
+
+
+def prepare_similarity(a, b, kind):
+    """Check similarity input; return (a, b) as (N, La, E), (N, Lb, E) and the output shape."""
+    a = check_float_array(a, "a")
+    b = check_float_array(b, "b")
+    check_choice(kind, "kind", SIMILARITY_KINDS)
+    for name, arr in (("a", a), ("b", b)):
+        if arr.ndim < 2:
+            raise ValueError(f"{name} must have at least 2 dims (..., rows, features), "
+                             f"got shape {arr.shape}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"a and b must have the same dtype, got a {a.dtype}, b {b.dtype}")
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"a and b must have the same feature size E: a {a.shape} has "
+                         f"E={a.shape[-1]}, b {b.shape} has E={b.shape[-1]}")
+    try:
+        lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except ValueError:
+        raise ValueError(f"the leading dims of a {a.shape} and b {b.shape} do not broadcast "
+                         f"together") from None
+    dtype = compute_dtype(a.dtype)
+    E = a.shape[-1]
+    a3 = contiguous(np.broadcast_to(a, (*lead, *a.shape[-2:])), dtype).reshape(-1, a.shape[-2], E)
+    b3 = contiguous(np.broadcast_to(b, (*lead, *b.shape[-2:])), dtype).reshape(-1, b.shape[-2], E)
+    if kind == "cosine":
+        a3, b3 = unit_rows(a3), unit_rows(b3)
+    scale = 1.0 / math.sqrt(E) if kind == "scaled_dot" and E else 1.0
+    return a3, b3, scale, (*lead, a.shape[-2], b.shape[-2]), dtype

@@ -1,0 +1,152 @@
+"""The NumPy reference: slow, plain and obviously right.
+
+Every backend is tested against these functions. They compute in the dtype of their inputs (pass
+float64 arrays for an oracle) and read like the maths:
+
+    scores  = similarity(q, k) * scale  (+ float mask, or -inf where a bool mask is False)
+    weights = softmax(scores)           (a row with no key taking part gives zeros)
+    out     = weights @ v
+    lse     = log(sum(exp(scores)))     (-inf for a row with no key taking part)
+
+They take the same arguments as the public API but do not validate them; call the public
+functions with ``backend="numpy"`` for checked input and the package's dtype policy.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = [
+    "similarity",
+    "softmax",
+    "attention_weights",
+    "scaled_dot_product_attention",
+    "multi_head_attention",
+]
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return a @ np.swapaxes(b, -1, -2)
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    # A zero vector stays zero, so its cosine similarity with anything is 0, never NaN.
+    norm = np.sqrt(np.sum(x * x, axis=-1, keepdims=True))
+    return x / np.where(norm == 0, 1, norm)
+
+
+def similarity(a: np.ndarray, b: np.ndarray, kind: str = "dot") -> np.ndarray:
+    """Similarity of every row of ``a`` (..., La, E) with every row of ``b`` (..., Lb, E)."""
+    if kind == "dot":
+        return _dot(a, b)
+    if kind == "scaled_dot":
+        return _dot(a, b) / np.sqrt(np.asarray(a.shape[-1], dtype=a.dtype))
+    if kind == "cosine":
+        return _dot(_unit_rows(a), _unit_rows(b))
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def softmax(x: np.ndarray, axis: int = -1, *, mask: np.ndarray | None = None) -> np.ndarray:
+    """exp(x - max) / sum(exp(x - max)) along ``axis``; masked-out (False) entries weigh 0."""
+    if mask is not None:
+        x = np.where(mask, x, -np.inf)
+    row_max = np.max(x, axis=axis, keepdims=True)
+    # A row with nothing kept has max -inf; subtracting 0 instead keeps exp(-inf) = 0, not NaN.
+    row_max = np.where(np.isneginf(row_max), 0, row_max)
+    e = np.exp(x - row_max)
+    row_sum = np.sum(e, axis=axis, keepdims=True)
+    return e / np.where(row_sum == 0, 1, row_sum)
+
+
+def _scores(query, key, attn_mask, is_causal, scale, enable_gqa, similarity_kind):
+    if enable_gqa and query.ndim >= 3 and key.shape[-3] != query.shape[-3]:
+        group = query.shape[-3] // key.shape[-3]
+        key = np.repeat(key, group, axis=-3)
+    if scale is None:
+        scale = 1.0 if similarity_kind == "cosine" else 1.0 / math.sqrt(query.shape[-1])
+    kind = "cosine" if similarity_kind == "cosine" else "dot"
+    scores = similarity(query, key, kind) * np.asarray(scale, dtype=query.dtype)
+    if attn_mask is not None:
+        if attn_mask.dtype == np.bool_:
+            scores = np.where(attn_mask, scores, -np.inf)
+        else:
+            scores = scores + attn_mask.astype(scores.dtype)
+    if is_causal:
+        L, S = scores.shape[-2:]
+        scores = np.where(np.tri(L, S, dtype=bool), scores, -np.inf)
+    return scores
+
+
+def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None,
+                      enable_gqa=False, *, similarity="dot") -> np.ndarray:
+    """softmax(scores) of shape (..., Hq, L, S)."""
+    return softmax(_scores(query, key, attn_mask, is_causal, scale, enable_gqa, similarity))
+
+
+def _logsumexp(scores: np.ndarray) -> np.ndarray:
+    row_max = np.max(scores, axis=-1)
+    finite_max = np.where(np.isneginf(row_max), 0, row_max)
+    with np.errstate(divide="ignore"):  # log(0) = -inf is the answer for a fully masked row
+        return finite_max + np.log(np.sum(np.exp(scores - finite_max[..., None]), axis=-1))
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False, *,
+                                 similarity="dot", return_lse=False):
+    """softmax(q k^T * scale + mask) v, shapes (..., L, E), (..., S, E), (..., S, Ev) -> (..., L, Ev)."""
+    if dropout_p:
+        raise NotImplementedError("dropout_p > 0 is not supported")
+    scores = _scores(query, key, attn_mask, is_causal, scale, enable_gqa, similarity)
+    if enable_gqa and value.ndim >= 3 and value.shape[-3] != query.shape[-3]:
+        value = np.repeat(value, query.shape[-3] // value.shape[-3], axis=-3)
+    out = softmax(scores) @ value
+    if return_lse:
+        return out, _logsumexp(scores)
+    return out
+
+
+def multi_head_attention(query, key, value, num_heads, q_weight, k_weight, v_weight,
+                         out_weight, q_bias=None, k_bias=None, v_bias=None, out_bias=None,
+                         *, num_kv_heads=None, attn_mask=None, key_padding_mask=None,
+                         is_causal=False, need_weights=False, average_attn_weights=True):
+    """Multi-head attention on batch-first inputs (B, L, E), (B, S, Ek), (B, S, Ev).
+
+    Weights are (out_features, in_features) as in ``torch.nn.Linear``: x @ W.T + b.
+    ``attn_mask`` follows this package's SDPA convention (bool True = takes part, float added);
+    ``key_padding_mask`` is (B, S) with True = padding, as in PyTorch.
+    Returns ``(out, weights)``; weights is None unless ``need_weights``.
+    """
+    def linear(x, w, b):
+        y = x @ w.T
+        return y if b is None else y + b
+
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    q = linear(query, q_weight, q_bias)
+    k = linear(key, k_weight, k_bias)
+    v = linear(value, v_weight, v_bias)
+
+    def split_heads(x, heads):  # (B, T, heads * D) -> (B, heads, T, D)
+        B, T, _ = x.shape
+        return x.reshape(B, T, heads, -1).transpose(0, 2, 1, 3)
+
+    q, k, v = split_heads(q, num_heads), split_heads(k, num_kv_heads), split_heads(v, num_kv_heads)
+    mask = None if attn_mask is None else np.asarray(attn_mask)
+    if key_padding_mask is not None:
+        keep = ~np.asarray(key_padding_mask, dtype=bool)[:, None, None, :]
+        if mask is None:
+            mask = keep
+        elif mask.dtype == np.bool_:
+            mask = mask & keep
+        else:
+            mask = np.where(keep, mask, -np.inf)
+    gqa = num_kv_heads != num_heads
+    heads = scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, enable_gqa=gqa)
+    B, H, L, Dv = heads.shape
+    out = linear(heads.transpose(0, 2, 1, 3).reshape(B, L, H * Dv), out_weight, out_bias)
+    weights = None
+    if need_weights:
+        weights = attention_weights(q, k, mask, is_causal, enable_gqa=gqa)
+        if average_attn_weights:
+            weights = weights.mean(axis=1)
+    return out, weights

@@ -1,0 +1,72 @@
+"""One place for the options every CPU kernel is compiled with, and the fast exp they share."""
+import functools
+import math
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
+
+# Fast-math without nnan/ninf: masks are -inf and NaN must propagate, so LLVM may not assume
+# either away. reassoc lets it vectorise the row sums and maxima.
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+jit = functools.partial(numba.njit, cache=True, fastmath=FASTMATH, error_model="numpy",
+                        nogil=True)
+parallel_jit = functools.partial(jit, parallel=True)
+
+
+@intrinsic
+def _int32_bits_as_float32(typingctx, bits):
+    """Reinterpret the bits of an int32 as a float32 (no conversion)."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)      # ln 2 split in two, so k * ln2 subtracts exactly
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_UNDERFLOW = np.float32(-87.0)    # below this exp underflows float32's normal range
+
+
+def exp(x):
+    """exp(x); in float32 a vectorisable version (relative error below 1e-7), else math.exp.
+
+    llvmlite here has no SVML, so math.exp in a loop stays scalar; this one LLVM vectorises.
+    """
+    return math.exp(x)
+
+
+@overload(exp, fastmath=FASTMATH)
+def _exp_overload(x):
+    if x != types.float32:
+        return lambda x: math.exp(x)
+
+    def exp_float32(x):
+        # x = k ln2 + r with |r| <= ln2 / 2, so exp(x) = 2^k * exp(r); exp(r) by its Taylor
+        # polynomial of degree 7 (truncation below 1e-8 on that range), 2^k built in the
+        # exponent bits.
+        k = np.float32(np.floor(x * _LOG2E + np.float32(0.5)))
+        k = max(k, np.float32(-126.0))
+        r = x - k * _LN2_HI - k * _LN2_LO
+        p = np.float32(1.0 / 5040.0)
+        p = p * r + np.float32(1.0 / 720.0)
+        p = p * r + np.float32(1.0 / 120.0)
+        p = p * r + np.float32(1.0 / 24.0)
+        p = p * r + np.float32(1.0 / 6.0)
+        p = p * r + np.float32(0.5)
+        p = p * r + np.float32(1.0)
+        p = p * r + np.float32(1.0)
+        result = p * _int32_bits_as_float32((np.int32(k) + np.int32(127)) << np.int32(23))
+        if x < _EXP_UNDERFLOW:  # -inf (a masked score) gives exactly 0
+            result = np.float32(0.0)
+        if x != x:
+            result = x
+        return result
+
+    return exp_float32

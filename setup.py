@@ -1,0 +1,23 @@
+from setuptools import setup
+
+setup(
+    name="fastattn",
+    version="0.1.0",
+    description="Fused, numerically stable attention kernels for NumPy, compiled with Numba "
+                "(CPU and CUDA)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # The kernels live in kernels/ at the top of the repository and install as fastattn.kernels,
+    # so nothing named `kernels` lands at the top level of site-packages.
+    packages=["fastattn", "fastattn.kernels"],
+    package_dir={"fastattn": "fastattn", "fastattn.kernels": "kernels"},
+    install_requires=["numpy>=1.24", "scipy>=1.10", "numba>=0.59"],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.6"],
+        "cuda": ["numba-cuda>=0.20"],
+        "torch": ["torch>=2.1"],
+    },
+    entry_points={"console_scripts": ["fastattn=fastattn.__main__:main"]},
+)
