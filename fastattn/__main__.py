@@ -1,0 +1,31 @@
+"""python -m fastattn {demo,info,bench}: the worked example, a bug-report summary, benchmarks."""
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "demo": "the maths of attention on a tiny worked example (and a quick timing)",
+    "info": "versions, backends, threads and GPU: paste this into a bug report",
+    "bench": "benchmarks against NumPy and PyTorch (see --help)",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: python -m fastattn {demo,info,bench} [options]\n")
+        for name, what in COMMANDS.items():
+            print(f"  {name:6} {what}")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    command, rest = argv[0], argv[1:]
+    if command == "demo":
+        from .demo import main as run
+    elif command == "info":
+        from .info import main as run
+    else:
+        from .bench import main as run
+    return run(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
