@@ -51,7 +51,7 @@ def softmax(x: np.ndarray, axis: int = -1, *, mask: np.ndarray | None = None) ->
     """exp(x - max) / sum(exp(x - max)) along ``axis``; masked-out (False) entries weigh 0."""
     if mask is not None:
         x = np.where(mask, x, -np.inf)
-    row_max = np.max(x, axis=axis, keepdims=True)
+    row_max = np.max(x, axis=axis, keepdims=True, initial=-np.inf)
     # A row with nothing kept has max -inf; subtracting 0 instead keeps exp(-inf) = 0, not NaN.
     row_max = np.where(np.isneginf(row_max), 0, row_max)
     e = np.exp(x - row_max)
@@ -85,7 +85,7 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None,
 
 
 def _logsumexp(scores: np.ndarray) -> np.ndarray:
-    row_max = np.max(scores, axis=-1)
+    row_max = np.max(scores, axis=-1, initial=-np.inf)
     finite_max = np.where(np.isneginf(row_max), 0, row_max)
     with np.errstate(divide="ignore"):  # log(0) = -inf is the answer for a fully masked row
         return finite_max + np.log(np.sum(np.exp(scores - finite_max[..., None]), axis=-1))

@@ -1,0 +1,102 @@
+"""Properties of the numba backend beyond parity: layouts, threads, concurrency, memory."""
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import fastattn
+
+pytestmark = pytest.mark.skipif("numba" not in fastattn.backends(), reason="numba not installed")
+
+sdpa = fastattn.scaled_dot_product_attention
+
+
+def test_strided_inputs_never_read_the_gaps(rng):
+    # Views into arrays whose unused entries are NaN: a kernel reading outside the view
+    # would turn the output NaN.
+    def nan_padded_view(shape):
+        big = np.full((shape[0], shape[1] * 2, shape[2] + 3), np.nan, np.float32)
+        big[:, ::2, :shape[2]] = rng.standard_normal(shape)
+        return big[:, ::2, :shape[2]]
+    q, k, v = nan_padded_view((2, 270, 16)), nan_padded_view((2, 300, 16)), nan_padded_view((2, 300, 16))
+    mask_big = np.full((270, 600), np.nan, np.float32)
+    mask_big[:, ::2] = 0.0
+    mask = mask_big[:, ::2]
+    for kw in ({}, {"is_causal": True}, {"attn_mask": mask}, {"similarity": "cosine"}):
+        got = sdpa(q, k, v, backend="numba", **kw)
+        expected = sdpa(*(np.ascontiguousarray(a) for a in (q, k, v)), backend="numba",
+                        **{key: (np.ascontiguousarray(val) if key == "attn_mask" else val)
+                           for key, val in kw.items()})
+        assert np.isfinite(got).all()
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_one_and_two_threads_give_identical_bits(rng):
+    import numba
+    q, k, v = (rng.standard_normal((2, 3, 300, 32)).astype(np.float32) for _ in range(3))
+    mask = rng.random((300, 300)) > 0.2
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in (1, numba.config.NUMBA_NUM_THREADS):
+            numba.set_num_threads(threads)
+            results.append([sdpa(q, k, v, mask, is_causal=True, return_lse=True, backend="numba"),
+                            fastattn.attention_weights(q, k, mask, backend="numba"),
+                            fastattn.softmax(q, backend="numba")])
+    finally:
+        numba.set_num_threads(before)
+    (out1, lse1), w1, s1 = results[0]
+    (out2, lse2), w2, s2 = results[1]
+    for a, b in ((out1, out2), (lse1, lse2), (w1, w2), (s1, s2)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_calls_from_several_python_threads_match_calls_one_by_one(rng):
+    cases = []
+    for i in range(6):
+        q, k, v = (rng.standard_normal((2, 2, 150 + 10 * i, 16)).astype(np.float32) for _ in range(3))
+        cases.append((q, k, v, i % 2 == 0))
+    expected = [sdpa(q, k, v, is_causal=c, backend="numba") for q, k, v, c in cases]
+    got = [None] * len(cases)
+    errors = []
+
+    def work(i):
+        try:
+            q, k, v, c = cases[i]
+            for _ in range(3):
+                got[i] = sdpa(q, k, v, is_causal=c, backend="numba")
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_extra_memory_grows_with_L_not_L_squared():
+    # At L = S = 8192 the score matrix of one head alone would be 256 MiB in float32.
+    # Peak RSS growth of one call (after a warm-up call on other data) must stay far below it.
+    code = r"""
+import resource, numpy as np, fastattn
+rng = np.random.default_rng(0)
+L, D = 8192, 64
+fastattn.scaled_dot_product_attention(*(rng.standard_normal((1, 1, 300, D), dtype=np.float32) for _ in range(3)))
+q, k, v = (rng.standard_normal((1, 1, L, D), dtype=np.float32) for _ in range(3))
+out = np.empty((1, 1, L, D), np.float32); out[:] = 0
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+fastattn.scaled_dot_product_attention(q, k, v)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) / 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    extra_mib = float(out.stdout.split()[-1])
+    # the output (2 MiB) plus per-thread blocks; the score matrix would be 256 MiB
+    assert extra_mib < 32, f"one call grew the peak RSS by {extra_mib:.1f} MiB"
