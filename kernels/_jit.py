@@ -28,6 +28,22 @@ def _int32_bits_as_float32(typingctx, bits):
     return sig, codegen
 
 
+@intrinsic
+def maxnum(typingctx, a, b):
+    """max(a, b) ignoring a NaN operand (LLVM's maxnum): unlike a compare-and-branch, LLVM
+    vectorises a row maximum written with it. Callers see NaN through the row's exp sum."""
+    if a != b or not isinstance(a, types.Float):
+        return None
+    sig = a(a, b)
+
+    def codegen(context, builder, signature, args):
+        ty = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.maxnum", [ty], ir.FunctionType(ty, [ty, ty]))
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)      # ln 2 split in two, so k * ln2 subtracts exactly
 _LN2_LO = np.float32(-2.12194440e-4)

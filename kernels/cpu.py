@@ -13,7 +13,7 @@ import math
 import numpy as np
 from numba import prange
 
-from ._jit import exp, jit, parallel_jit
+from ._jit import exp, jit, maxnum, parallel_jit
 
 
 # --- shared row steps --------------------------------------------------------------------------
@@ -41,9 +41,9 @@ def add_mask_and_causal(scores, row0, col0, rows_total, mask_values, mask_row_of
 def softmax_row_inplace(row):
     """Stable softmax of one row in place; a row with nothing kept (all -inf) becomes zeros."""
     n = row.shape[0]
-    row_max = -np.inf
+    row_max = row.dtype.type(-np.inf)
     for j in range(n):
-        row_max = max(row_max, row[j])
+        row_max = maxnum(row_max, row[j])
     if row_max == -np.inf:
         for j in range(n):
             # -inf -> 0; a NaN stays NaN and so does the row, below
@@ -126,7 +126,7 @@ def online_softmax_step(scores, row_max, row_sum, acc):
     for i in range(bq):
         new_max = row_max[i]
         for j in range(bk):
-            new_max = max(new_max, scores[i, j])
+            new_max = maxnum(new_max, scores[i, j])
         if new_max == -np.inf:
             # Every key so far is masked: weights 0 (and NaN stays NaN), no exp(-inf - -inf).
             for j in range(bk):
