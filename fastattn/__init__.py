@@ -10,6 +10,7 @@ Public API: :func:`scaled_dot_product_attention`, :func:`attention_weights`, :fu
 from . import reference
 from ._api import attention_weights, scaled_dot_product_attention, similarity, softmax
 from ._backends import BackendUnavailableError, backends
+from .mha import MultiHeadAttention, multi_head_attention
 
 __version__ = "0.1.0"
 
@@ -21,4 +22,6 @@ __all__ = [
     "backends",
     "BackendUnavailableError",
     "reference",
+    "MultiHeadAttention",
+    "multi_head_attention",
 ]

@@ -112,10 +112,15 @@ def multi_head_attention(query, key, value, num_heads, q_weight, k_weight, v_wei
                          is_causal=False, need_weights=False, average_attn_weights=True):
     """Multi-head attention on batch-first inputs (B, L, E), (B, S, Ek), (B, S, Ev).
 
-    Weights are (out_features, in_features) as in ``torch.nn.Linear``: x @ W.T + b.
-    ``attn_mask`` follows this package's SDPA convention (bool True = takes part, float added);
-    ``key_padding_mask`` is (B, S) with True = padding, as in PyTorch.
-    Returns ``(out, weights)``; weights is None unless ``need_weights``.
+    Weights are (out_features, in_features) as in ``torch.nn.Linear``: x @ W.T + b, with
+    q_weight (H*D, E), k_weight (Hkv*D, Ek), v_weight (Hkv*Dv, Ev), out_weight (Eo, H*Dv);
+    head h takes features h*D:(h+1)*D and uses key/value head h // (H // Hkv).
+    ``attn_mask`` follows this package's SDPA convention (bool True = takes part, float added),
+    broadcastable to (B, H, L, S); ``key_padding_mask`` is (B, S), bool True = padding (as in
+    PyTorch) or float (added to the scores of key s).
+    Returns ``(out, weights)``; weights is None unless ``need_weights``, then (B, L, S) averaged
+    over heads or (B, H, L, S). A query row with no key taking part attends to nothing: its
+    heads are zeros, so its output is ``out_bias`` (and its weights are zeros).
     """
     def linear(x, w, b):
         y = x @ w.T
@@ -133,13 +138,15 @@ def multi_head_attention(query, key, value, num_heads, q_weight, k_weight, v_wei
     q, k, v = split_heads(q, num_heads), split_heads(k, num_kv_heads), split_heads(v, num_kv_heads)
     mask = None if attn_mask is None else np.asarray(attn_mask)
     if key_padding_mask is not None:
-        keep = ~np.asarray(key_padding_mask, dtype=bool)[:, None, None, :]
+        pad = np.asarray(key_padding_mask)[:, None, None, :]
+        if pad.dtype == np.bool_:
+            pad = np.where(pad, -np.inf, 0.0).astype(query.dtype)
         if mask is None:
-            mask = keep
+            mask = pad
         elif mask.dtype == np.bool_:
-            mask = mask & keep
+            mask = np.where(mask, pad, -np.inf)
         else:
-            mask = np.where(keep, mask, -np.inf)
+            mask = mask + pad
     gqa = num_kv_heads != num_heads
     heads = scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, enable_gqa=gqa)
     B, H, L, Dv = heads.shape
