@@ -200,7 +200,8 @@ def similarity(a, b, kind):
     kernel = kernels.attention_kernels(tiles, dtype).similarity
     grid = (N * -(-La // tiles.block_q), -(-Lb // tiles.block_k))
     kernel[grid, tiles.threads](
-        *_layout_args(opa, _rows(opa, (*lead, La, E))), *_layout_args(opb, _rows(opb, (*lead, Lb, E))),
+        *_layout_args(opa, _rows(opa, (*lead, La, E))),
+        *_layout_args(opb, _rows(opb, (*lead, Lb, E))),
         N, La, Lb, E, dtype.type(scale), kind == "cosine", out)
     return _result(out.reshape(out_shape), on_device)
 

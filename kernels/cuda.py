@@ -228,12 +228,13 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
             if mask_kind != 0 and i < L:
                 m_row[r] = m_outer[n] + i * m_rs
 
-    # --- similarity --------------------------------------------------------------------------------
+    # --- similarity -------------------------------------------------------------------------------
 
     @cuda.jit
     def similarity(a, a_outer, a_rs, a_cs, b, b_outer, b_rs, b_cs, N, La, Lb, E, scale, cosine,
                    out):
-        """out[n] = scale * a[n] @ b[n].T (cosine: of unit rows); grid (N * row tiles, col tiles)."""
+        """out[n] = scale * a[n] @ b[n].T (cosine: of unit rows).
+        Grid: (N * row tiles, column tiles)."""
         sA = cuda.shared.array((CH, BQ1), ct)
         sB = cuda.shared.array((CH, BK1), ct)
         s = cuda.local.array((TM, TN), ct)
@@ -318,7 +319,7 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
                             w = math.exp(s[r, c] - mx) * inv
                         out[n, i, j] = w
 
-    # --- fused attention ---------------------------------------------------------------------------
+    # --- fused attention --------------------------------------------------------------------------
 
     @cuda.jit
     def attention(q, q_outer, q_rs, q_cs, k, k_outer, k_rs, k_cs, v, v_outer, v_rs, v_cs,

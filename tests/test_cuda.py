@@ -6,6 +6,7 @@ Tiles are made tiny (4 threads per block) so that tiny inputs span several block
 and partial feature chunks. float64 results must match the float64 reference to 1e-10; float32
 ones may be at most twice as far from it as the reference computed in float32, plus 1e-6.
 """
+import os
 import subprocess
 import sys
 
@@ -31,6 +32,7 @@ TINY = kernels.Tiles(block_q=4, block_k=4, rows_per_thread=2, threads_per_row=2,
                      block_v=4)
 TINY_ROWS = kernels.RowTiles(rows_per_block=2, threads_per_row=2)
 F64 = dict(rtol=1e-10, atol=1e-10)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
@@ -77,7 +79,7 @@ def assert_close64(out, lse, ref_out, ref_lse):
     np.testing.assert_allclose(lse, ref_lse, **F64)
 
 
-# --- scaled_dot_product_attention ------------------------------------------------------------------
+# --- scaled_dot_product_attention -----------------------------------------------------------------
 
 @pytest.mark.parametrize("L,S", [(7, 6), (5, 9)])
 @pytest.mark.parametrize("causal", [False, True])
@@ -204,7 +206,7 @@ def test_sdpa_nan_query_gives_nan_row():
     assert not np.isnan(np.delete(out[1, 0], 4, axis=0)).any()
 
 
-# --- device arrays ---------------------------------------------------------------------------------
+# --- device arrays --------------------------------------------------------------------------------
 
 def test_device_arrays_in_give_device_arrays_out_on_auto():
     rng = np.random.default_rng(12)
@@ -246,7 +248,7 @@ def test_softmax_and_similarity_on_device_arrays():
     np.testing.assert_allclose(s.copy_to_host(), reference.similarity(a, b, "cosine"), **F64)
 
 
-# --- attention_weights, softmax, similarity --------------------------------------------------------
+# --- attention_weights, softmax, similarity -------------------------------------------------------
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_weights_match_reference(causal):
@@ -316,7 +318,7 @@ def test_similarity_matches_reference_with_broadcast_leading_dims(kind):
     np.testing.assert_allclose(got, ref, **F64)
 
 
-# --- errors ----------------------------------------------------------------------------------------
+# --- errors ---------------------------------------------------------------------------------------
 
 def _bad_calls():
     rng = np.random.default_rng(20)
@@ -352,7 +354,7 @@ def test_bad_input_gives_the_same_error_as_the_numpy_backend(call):
     assert str(got.value) == str(expected.value)
 
 
-# --- the tiles the GPU runs, and laziness ----------------------------------------------------------
+# --- the tiles the GPU runs, and laziness ---------------------------------------------------------
 
 def test_sdpa_with_the_gpu_float32_tiles(monkeypatch):
     # The real tile shapes (256 threads per block), once: two query tiles, one partial.
@@ -368,4 +370,22 @@ def test_sdpa_with_the_gpu_float32_tiles(monkeypatch):
 def test_import_fastattn_neither_imports_numba_nor_compiles():
     code = ("import sys, fastattn; fastattn.scaled_dot_product_attention; "
             "assert 'numba' not in sys.modules and 'fastattn._cuda' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# --- the scripts for a real GPU -------------------------------------------------------------------
+
+def test_gpu_check_script_runs_in_the_simulator():
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"),
+                          "--sim-smoke", "--quick"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "0 failed" in run.stdout
+
+
+def test_kernels_compile_for_a_gpu_where_a_cuda_toolkit_is_installed():
+    # The simulator never type-checks the kernels; NVVM does (no GPU needed, only a toolkit).
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "cuda_compile_check.py"),
+                          "--quick"], capture_output=True, text=True, timeout=300)
+    if run.returncode == 77:
+        pytest.skip(run.stdout.strip())
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
