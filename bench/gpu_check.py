@@ -35,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FP32_CORES_PER_SM = {(6, 0): 64, (6, 1): 128, (7, 0): 64, (7, 5): 64, (8, 0): 64, (8, 6): 128,
                      (8, 7): 128, (8, 9): 128, (9, 0): 128, (10, 0): 128, (10, 3): 128,
                      (12, 0): 128}
+DATASHEET_FP32_TFLOPS = [("H100 PCIe", 51.2), ("H100", 66.9), ("H200", 66.9), ("A100", 19.5)]
 
 
 def parse_args(argv):
@@ -153,21 +154,31 @@ def package_version(name):
 
 
 def describe_device(cuda, args):
+    """(description, FP32 FMA peak in FLOP/s or None): SMs x FP32 cores x 2 x boost clock, else
+    the datasheet figure for a known name, else --peak-tflops."""
     dev = cuda.get_current_device()
     name = getattr(dev, "name", b"simulator")
     name = name.decode() if isinstance(name, bytes) else str(name)
+    facts, peak = [], None
     try:
         cc = tuple(dev.compute_capability)
         sms = dev.MULTIPROCESSOR_COUNT
-        clock_hz = dev.CLOCK_RATE * 1e3  # the boost clock, in kHz
-        cores = FP32_CORES_PER_SM.get(cc)
-        peak = sms * cores * 2 * clock_hz if cores else None
-        desc = f"{name} (compute capability {cc[0]}.{cc[1]}, {sms} SMs, {clock_hz / 1e9:.2f} GHz)"
+        facts += [f"compute capability {cc[0]}.{cc[1]}", f"{sms} SMs"]
+        clock_hz = dev.CLOCK_RATE * 1e3  # kHz
+        facts.append(f"{clock_hz / 1e9:.2f} GHz")
+        if cc in FP32_CORES_PER_SM:
+            peak = sms * FP32_CORES_PER_SM[cc] * 2 * clock_hz
     except Exception:
-        peak, desc = None, f"{name} (simulator)"
+        pass
+    if peak is None:
+        for known, tflops in DATASHEET_FP32_TFLOPS:
+            if known in name:
+                peak = tflops * 1e12
+                facts.append("peak from the datasheet")
+                break
     if args.peak_tflops:
         peak = args.peak_tflops * 1e12
-    return desc, peak
+    return f"{name} ({', '.join(facts) or 'simulator'})", peak
 
 
 def err32(got, exact, plain):

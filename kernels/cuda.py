@@ -42,12 +42,21 @@ class Tiles(NamedTuple):
     def threads(self) -> int:
         return self.block_q // self.rows_per_thread * self.threads_per_row
 
-    def check(self) -> "Tiles":
+    def shared_bytes(self, itemsize: int) -> int:
+        """Static shared memory of the attention kernel (the largest)."""
+        BQ, BK, _, TX, CH, BV = self
+        return itemsize * (CH * (BQ + 1) + CH * (BK + 1) + BQ * (BK + 1) + CH * BV + BQ * (TX + 1))
+
+    def check(self, itemsize: int = 4) -> "Tiles":
         ok = (self.block_q % self.rows_per_thread == 0 and self.block_k % self.threads_per_row == 0
               and self.block_v % self.threads_per_row == 0 and self.block_k % self.chunk == 0
               and min(self) > 0)
         if not ok:
             raise ValueError(f"inconsistent tiles {self}")
+        if self.shared_bytes(itemsize) > 48 * 1024:
+            raise ValueError(f"tiles {self} need {self.shared_bytes(itemsize)} bytes of shared "
+                             f"memory for {itemsize}-byte values; static shared memory ends at "
+                             f"48 KiB")
         return self
 
 
@@ -79,7 +88,7 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
     costs more instructions than the FMAs. Never mix ``u`` and signed ints in one expression
     (Numba types uint64 op int64 as float64): convert with ``u(...)`` or ``i64(...)``.
     """
-    tiles.check()
+    tiles.check(np.dtype(compute).itemsize)
     BQ, BK, TM, TX, CH, BV = tiles
     TY = BQ // TM
     TN = BK // TX   # key columns per thread
