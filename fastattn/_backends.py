@@ -48,6 +48,10 @@ def backends() -> list[str]:
 
 
 def is_device_array(x) -> bool:
+    # Numba device arrays say so with __cuda_ndarray__ (the CUDA simulator's expose no
+    # __cuda_array_interface__); CuPy arrays and PyTorch CUDA tensors by the interface.
+    if getattr(x, "__cuda_ndarray__", False):
+        return True
     return hasattr(x, "__cuda_array_interface__") and not hasattr(x, "__array_interface__")
 
 
@@ -84,6 +88,6 @@ def module(name: str):
         try:
             from . import _cuda
         except ImportError as exc:
-            raise NotImplementedError(f"the 'cuda' backend is not built yet ({exc})") from None
+            raise BackendUnavailableError(f"backend 'cuda' cannot be loaded: {exc}") from None
         return _cuda
     raise ValueError(name)

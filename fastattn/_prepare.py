@@ -21,13 +21,25 @@ def compute_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
 
 
-def check_float_array(x, name: str) -> np.ndarray:
+def is_numba_device_array(x) -> bool:
+    """A Numba device array (the CUDA simulator's too), checked where it lies, never copied."""
+    return bool(getattr(x, "__cuda_ndarray__", False))
+
+
+def check_float_dtype(dtype, name: str) -> None:
+    if dtype not in (np.float16, np.float32, np.float64):
+        raise TypeError(f"{name} must be a float16, float32 or float64 array, got dtype {dtype}")
+
+
+def check_float_array(x, name: str):
+    """``x`` as a NumPy array (a Numba device array stays as it is) of a float dtype."""
+    if is_numba_device_array(x):
+        check_float_dtype(x.dtype, name)
+        return x
     if hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray):
         raise TypeError(f"{name} is a GPU array; use backend='cuda' or 'auto' for device arrays")
     arr = np.asarray(x)
-    if arr.dtype not in (np.float16, np.float32, np.float64):
-        raise TypeError(
-            f"{name} must be a float16, float32 or float64 array, got dtype {arr.dtype}")
+    check_float_dtype(arr.dtype, name)
     return arr
 
 
@@ -90,9 +102,8 @@ class Mask:
 
 def check_mask(mask, name: str, target_shape: tuple, target_desc: str) -> np.ndarray:
     """Check dtype (bool or float) and that ``mask`` broadcasts to ``target_shape``."""
-    if hasattr(mask, "__cuda_array_interface__") and not isinstance(mask, np.ndarray):
-        mask = np.asarray(mask.copy_to_host() if hasattr(mask, "copy_to_host") else mask)
-    mask = np.asarray(mask)
+    if not is_numba_device_array(mask):
+        mask = np.asarray(mask)
     if mask.dtype != np.bool_ and mask.dtype.kind != "f":
         raise TypeError(
             f"{name} must be a bool array (True = takes part) or a float array (added to the "
@@ -148,9 +159,38 @@ class AttentionProblem:
     dtype: np.dtype
 
 
-def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa, similarity,
-                      *, need_value: bool = True) -> AttentionProblem:
-    """Check SDPA-style input and build the flattened problem (see ``AttentionProblem``)."""
+@dataclass
+class AttentionArgs:
+    """Checked SDPA arguments, before any data is copied: the arrays as given (NumPy, or Numba
+    device arrays for the cuda backend), the sizes, and the resolved scale and group."""
+    query: object
+    key: object
+    value: object       # None for attention_weights
+    mask: object        # the checked bool or float mask as given, or None
+    lead: tuple         # the query's leading dims (..., Hq)
+    L: int
+    S: int
+    E: int
+    Ev: int
+    group: int
+    scale: float
+    causal: bool
+    similarity: str
+    in_dtype: np.dtype
+    dtype: np.dtype
+
+    @property
+    def N(self) -> int:
+        return int(np.prod(self.lead, dtype=np.int64))
+
+    @property
+    def weights_shape(self) -> tuple:
+        return (*self.lead, self.L, self.S)
+
+
+def check_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa, similarity,
+                    *, need_value: bool = True) -> AttentionArgs:
+    """Check SDPA-style input (shapes, dtypes, options) without touching the data."""
     query = check_float_array(query, "query")
     key = check_float_array(key, "key")
     names = ("query", "key", "value") if need_value else ("query", "key")
@@ -207,27 +247,36 @@ def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa
         raise ValueError(f"query {query.shape} and key {key.shape} must have the same leading "
                          f"dims{hint}")
 
-    dtype = compute_dtype(query.dtype)
-    weights_shape = (*lead_q, L, S)
     mask = None
     if attn_mask is not None:
-        checked = check_mask(attn_mask, "attn_mask", weights_shape, "attention weights (..., Hq, L, S)")
-        mask = additive_mask(checked, weights_shape, dtype)
-
+        mask = check_mask(attn_mask, "attn_mask", (*lead_q, L, S),
+                          "attention weights (..., Hq, L, S)")
     if scale is None:
         scale = 1.0 if similarity == "cosine" else 1.0 / math.sqrt(E)
-    N = int(np.prod(lead_q, dtype=np.int64))
-    q = contiguous(query, dtype).reshape(N, L, E)
-    k = contiguous(key, dtype).reshape(N // group, S, E)
+    return AttentionArgs(query, key, value if need_value else None, mask, tuple(lead_q), L, S, E,
+                         Ev, group, scale, is_causal, similarity, query.dtype,
+                         compute_dtype(query.dtype))
+
+
+def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa, similarity,
+                      *, need_value: bool = True) -> AttentionProblem:
+    """Check SDPA-style input and build the flattened problem (see ``AttentionProblem``)."""
+    a = check_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa, similarity,
+                        need_value=need_value)
+    dtype = a.dtype
+    mask = None if a.mask is None else additive_mask(a.mask, a.weights_shape, dtype)
+    N, L, E, S, Ev, group = a.N, a.L, a.E, a.S, a.Ev, a.group
+    q = contiguous(a.query, dtype).reshape(N, L, E)
+    k = contiguous(a.key, dtype).reshape(N // group, S, E)
     if similarity == "cosine":
         q, k = unit_rows(q), unit_rows(k)
-    v = contiguous(value, dtype).reshape(N // group, S, Ev) if need_value else None
-    return AttentionProblem(q, k, v, group, scale, is_causal, mask, (*lead_q, L, Ev),
-                            (*lead_q, L), weights_shape, query.dtype, dtype)
+    v = contiguous(a.value, dtype).reshape(N // group, S, Ev) if need_value else None
+    return AttentionProblem(q, k, v, group, a.scale, a.causal, mask, (*a.lead, L, Ev),
+                            (*a.lead, L), a.weights_shape, a.in_dtype, dtype)
 
 
-def prepare_softmax(x, axis, mask):
-    """Check softmax input; return (x moved to (rows, cols), Mask or None, undo-shape info)."""
+def check_softmax(x, axis, mask):
+    """Check softmax input; return (x, axis in [0, ndim), checked mask or None)."""
     x = check_float_array(x, "x")
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"axis must be an int, got {type(axis).__name__}")
@@ -236,19 +285,26 @@ def prepare_softmax(x, axis, mask):
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"axis {axis} is out of range for x of shape {x.shape}")
     axis = axis % x.ndim
+    if mask is not None:
+        mask = check_mask(mask, "mask", x.shape, "x")
+    return x, axis, mask
+
+
+def prepare_softmax(x, axis, mask):
+    """Check softmax input; return (x moved to (rows, cols), Mask or None, undo-shape info)."""
+    x, axis, checked = check_softmax(x, axis, mask)
     dtype = compute_dtype(x.dtype)
     moved = np.moveaxis(x, axis, -1)
     rows = contiguous(moved, dtype).reshape(-1, x.shape[axis]) if x.size else \
         np.zeros((int(np.prod(moved.shape[:-1])), x.shape[axis]), dtype)
     prepared_mask = None
-    if mask is not None:
-        checked = check_mask(mask, "mask", x.shape, "x")
+    if checked is not None:
         prepared_mask = additive_mask(checked, x.shape, dtype, axis)
     return rows, prepared_mask, moved.shape, axis, dtype
 
 
-def prepare_similarity(a, b, kind):
-    """Check similarity input; return (a, b) as (N, La, E), (N, Lb, E) and the output shape."""
+def check_similarity(a, b, kind):
+    """Check similarity input; return (a, b, broadcast leading dims)."""
     a = check_float_array(a, "a")
     b = check_float_array(b, "b")
     check_choice(kind, "kind", SIMILARITY_KINDS)
@@ -266,6 +322,12 @@ def prepare_similarity(a, b, kind):
     except ValueError:
         raise ValueError(f"the leading dims of a {a.shape} and b {b.shape} do not broadcast "
                          f"together") from None
+    return a, b, lead
+
+
+def prepare_similarity(a, b, kind):
+    """Check similarity input; return (a, b) as (N, La, E), (N, Lb, E) and the output shape."""
+    a, b, lead = check_similarity(a, b, kind)
     dtype = compute_dtype(a.dtype)
     E = a.shape[-1]
     a3 = contiguous(np.broadcast_to(a, (*lead, *a.shape[-2:])), dtype).reshape(-1, a.shape[-2], E)

@@ -1,0 +1,283 @@
+"""The ``cuda`` backend: the checks of the other backends, then the kernels of kernels/cuda.py.
+
+NumPy inputs are copied to the device and the result is copied back. Inputs with
+``__cuda_array_interface__`` (Numba device arrays, CuPy arrays, PyTorch CUDA tensors) are read in
+place, whatever their strides, and give a Numba device array (which exposes
+``__cuda_array_interface__``); a result is on the device when any data input is.
+
+Every operand reaches the kernels as a 1-d array over its memory plus a row layout (see
+``_rows``), so nothing is made contiguous, broadcast or converted on the host: masks (bool or
+float, any broadcast shape) are read in place, float16 is widened in the kernels, and cosine
+similarity divides by norms computed in the kernels.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from numba import cuda
+
+from . import _backends, _prepare
+from .kernels import cuda as kernels  # importing compiles nothing
+
+_SIMULATOR = kernels._SIMULATOR
+
+# Tile shapes per compute dtype (see kernels/cuda.py). float32: 256 threads, each owning 4 query
+# rows x 4 keys of a 64 x 64 tile and 4 rows x block_v/16 output columns; 37 KiB of shared memory.
+# float64 halves the tile to stay under 48 KiB. The tests swap in tiny ones.
+TILES = {
+    np.dtype(np.float32): kernels.Tiles(block_q=64, block_k=64, rows_per_thread=4,
+                                        threads_per_row=16, chunk=16, block_v=128),
+    np.dtype(np.float64): kernels.Tiles(block_q=32, block_k=32, rows_per_thread=2,
+                                        threads_per_row=16, chunk=8, block_v=128),
+}
+SOFTMAX_TILES = kernels.RowTiles(rows_per_block=8, threads_per_row=32)
+if _SIMULATOR:
+    # Simulated threads are Python threads: small blocks keep simulated runs quick.
+    TILES = {dtype: kernels.Tiles(block_q=8, block_k=8, rows_per_thread=2, threads_per_row=4,
+                                  chunk=4, block_v=16) for dtype in TILES}
+    SOFTMAX_TILES = kernels.RowTiles(rows_per_block=2, threads_per_row=4)
+
+
+def _tiles(dtype: np.dtype, Ev: int) -> kernels.Tiles:
+    """The tiles for ``dtype``, with block_v cut to the smallest power-of-two multiple of
+    threads_per_row that covers Ev (no wasted columns for Ev = 64 under block_v = 128)."""
+    t = TILES[np.dtype(dtype)]
+    bv = t.threads_per_row
+    while bv < Ev and bv < t.block_v:
+        bv *= 2
+    return t._replace(block_v=min(bv, t.block_v))
+
+
+# --- operands: device memory + row layouts -------------------------------------------------------
+
+class Operand(NamedTuple):
+    """An array as the kernels see it: ``flat[offset + sum(index * strides)]``."""
+    flat: object     # 1-d device array over the array's memory
+    shape: tuple
+    strides: tuple   # in elements; 0 along dims a NumPy input broadcast
+    offset: int
+    dtype: np.dtype
+
+
+class DeviceInput:
+    """A device array as the checks in ``_prepare`` see it: a plain tuple shape (the CUDA
+    simulator's shape refuses negative indices) and a NumPy dtype; the array is ``.array``."""
+    __cuda_ndarray__ = True  # what _prepare.is_numba_device_array looks for
+
+    def __init__(self, array):
+        self.array = array
+        self.shape = tuple(int(n) for n in array.shape)
+        self.strides = tuple(int(s) for s in array.strides)
+        self.dtype = np.dtype(array.dtype)
+        self.ndim = len(self.shape)
+        self.size = int(np.prod(self.shape, dtype=np.int64))
+
+
+def _as_device_array(x):
+    """A :class:`DeviceInput` for a GPU array, or ``x`` unchanged."""
+    if x is None:
+        return x
+    if _prepare.is_numba_device_array(x):
+        return DeviceInput(x)
+    if hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray):
+        return DeviceInput(cuda.as_cuda_array(x))
+    return x
+
+
+def _operand(x) -> Operand:
+    dtype = np.dtype(x.dtype)
+    shape = tuple(int(n) for n in x.shape)
+    if isinstance(x, np.ndarray):
+        # Copy only the array's own data: dims it broadcasts (stride 0) are copied once.
+        core = x[tuple(slice(0, 1) if s == 0 else slice(None) for s in x.strides)]
+        core = np.ascontiguousarray(core)
+        strides = tuple(0 if xs == 0 else cs // dtype.itemsize
+                        for xs, cs in zip(x.strides, core.strides))
+        flat = cuda.to_device(core.reshape(-1) if core.size else np.zeros(1, dtype))
+        return Operand(flat, shape, strides, 0, dtype)
+    if x.size == 0:
+        return Operand(cuda.to_device(np.zeros(1, dtype)), shape, (0,) * len(shape), 0, dtype)
+    x = x.array
+    strides = []
+    for s in x.strides:
+        if s % dtype.itemsize:
+            raise ValueError(f"strides {tuple(x.strides)} are not a multiple of the item size")
+        strides.append(s // dtype.itemsize)
+    low = sum((n - 1) * s for n, s in zip(shape, strides) if s < 0)
+    high = sum((n - 1) * s for n, s in zip(shape, strides) if s > 0)
+    return Operand(_span(x, low, high - low + 1), shape, tuple(strides), -low, dtype)
+
+
+def _span(x, low: int, size: int):
+    """A 1-d device array of ``size`` elements over ``x``'s memory from element offset ``low``."""
+    item = x.dtype.itemsize
+    if _SIMULATOR:  # the simulator's device memory is host memory
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+        host = np.asarray(x)
+        first = host[tuple(slice(n - 1, n) if s < 0 else slice(0, 1)
+                           for n, s in zip(host.shape, host.strides))]
+        return FakeCUDAArray(np.lib.stride_tricks.as_strided(first, (size,), (item,)))
+    desc = x.__cuda_array_interface__
+    return cuda.from_cuda_array_interface(
+        {"shape": (size,), "strides": None, "typestr": x.dtype.str,
+         "data": (desc["data"][0] + low * item, False), "version": 3},
+        owner=x, sync=False)
+
+
+class Rows(NamedTuple):
+    """Row ``(o, i)`` of an operand seen as rows x columns starts at ``outer[o] + i * row_stride``
+    and steps by ``col_stride``; ``o`` runs over all row dims but the last, ``i`` over the last."""
+    outer: np.ndarray  # int64
+    inner: int
+    row_stride: int
+    col_stride: int
+
+
+def _rows(op: Operand, target: tuple, axis: int = -1) -> Rows:
+    """The row layout of ``op`` broadcast to ``target``, with ``axis`` as its columns."""
+    nd = len(target)
+    shape = (1,) * (nd - len(op.shape)) + op.shape
+    strides = (0,) * (nd - len(op.strides)) + op.strides
+    strides = [0 if n == 1 else s for n, s in zip(shape, strides)]  # broadcast: the same element
+    axis %= nd
+    order = [d for d in range(nd) if d != axis] + [axis]
+    row_shape = [target[d] for d in order[:-1]]
+    row_strides = [strides[d] for d in order[:-1]]
+    col_stride = strides[axis]
+    if not row_shape:
+        return Rows(np.full(1, op.offset, np.int64), 1, 0, col_stride)
+    outer = np.full(row_shape[:-1], op.offset, np.int64)
+    for dim, (n, s) in enumerate(zip(row_shape[:-1], row_strides[:-1])):
+        outer = outer + (np.arange(n, dtype=np.int64) * s).reshape(
+            (n,) + (1,) * (len(row_shape) - dim - 2))
+    return Rows(outer.reshape(-1), row_shape[-1], row_strides[-1], col_stride)
+
+
+def _layout_args(op: Operand, rows: Rows, outer=None):
+    return (op.flat, cuda.to_device(rows.outer if outer is None else outer), rows.row_stride,
+            rows.col_stride)
+
+
+def _no_mask():
+    return (cuda.to_device(np.zeros(1, np.float32)), cuda.to_device(np.zeros(1, np.int64)), 0, 0)
+
+
+def _mask_args(mask, target: tuple, axis: int = -1):
+    """(values, outer, row stride, col stride, kind: 0 none, 1 bool, 2 float) of a checked mask."""
+    if mask is None:
+        return (*_no_mask(), 0)
+    op = _operand(mask)
+    rows = _rows(op, target, axis)
+    return (*_layout_args(op, rows), 1 if op.dtype == np.bool_ else 2)
+
+
+def _result(x, on_device: bool):
+    return x if on_device else x.copy_to_host()
+
+
+def _empty(shape, dtype, on_device: bool):
+    return cuda.device_array(shape, dtype) if on_device else np.empty(shape, dtype)
+
+
+# --- the public functions -------------------------------------------------------------------------
+
+def similarity(a, b, kind):
+    on_device = _backends.is_device_array(a) or _backends.is_device_array(b)
+    a, b, lead = _prepare.check_similarity(_as_device_array(a), _as_device_array(b), kind)
+    La, Lb, E = a.shape[-2], b.shape[-2], a.shape[-1]
+    in_dtype = np.dtype(a.dtype)
+    dtype = _prepare.compute_dtype(in_dtype)
+    out_shape = (*lead, La, Lb)
+    N = int(np.prod(lead, dtype=np.int64))
+    if N * La * Lb == 0:
+        return _empty(out_shape, in_dtype, on_device)
+    scale = 1.0 / math.sqrt(E) if kind == "scaled_dot" and E else 1.0
+    opa, opb = _operand(a), _operand(b)
+    tiles = _tiles(dtype, 0)
+    out = cuda.device_array((N, La, Lb), in_dtype)
+    kernel = kernels.attention_kernels(tiles, dtype).similarity
+    grid = (N * -(-La // tiles.block_q), -(-Lb // tiles.block_k))
+    kernel[grid, tiles.threads](
+        *_layout_args(opa, _rows(opa, (*lead, La, E))),
+        *_layout_args(opb, _rows(opb, (*lead, Lb, E))),
+        N, La, Lb, E, dtype.type(scale), kind == "cosine", out)
+    return _result(out.reshape(out_shape), on_device)
+
+
+def softmax(x, axis, mask=None):
+    on_device = _backends.is_device_array(x)
+    x, mask = _as_device_array(x), _as_device_array(mask)
+    if mask is not None:
+        mask_dtype = mask.dtype if isinstance(mask, DeviceInput) else np.asarray(mask).dtype
+        if mask_dtype != np.bool_:
+            raise TypeError(f"mask must be a bool array (True = keep), got dtype {mask_dtype}")
+    x, axis, mask = _prepare.check_softmax(x, axis, mask)
+    in_dtype = np.dtype(x.dtype)
+    dtype = _prepare.compute_dtype(in_dtype)
+    shape = tuple(x.shape)
+    out = cuda.device_array(shape, in_dtype)
+    if x.size:
+        opx = _operand(x)
+        xr = _rows(opx, shape, axis)
+        C = shape[axis]
+        R = x.size // C
+        contiguous = tuple(int(np.prod(shape[d + 1:], dtype=np.int64)) for d in range(len(shape)))
+        o_rows = _rows(Operand(None, shape, contiguous, 0, in_dtype), shape, axis)
+        m_values, m_outer, m_rs, m_cs, kind = _mask_args(mask, shape, axis)
+        tiles = SOFTMAX_TILES
+        kernel = kernels.softmax_kernel(tiles, dtype)
+        kernel[-(-R // tiles.rows_per_block), tiles.threads](
+            *_layout_args(opx, xr), m_values, m_outer, m_rs, m_cs, kind != 0, xr.inner, R, C,
+            out.reshape(-1), cuda.to_device(o_rows.outer), o_rows.row_stride, o_rows.col_stride)
+    return _result(out, on_device)
+
+
+def _attention_operands(a: _prepare.AttentionArgs):
+    """Layout args of q, k (and v): per query head n, the offset of its (GQA-shared) key head."""
+    opq = _operand(a.query)
+    args = list(_layout_args(opq, _rows(opq, opq.shape)))
+    head_of = np.arange(a.N, dtype=np.int64) // a.group
+    for x in (a.key, a.value) if a.value is not None else (a.key,):
+        op = _operand(x)
+        rows = _rows(op, op.shape)
+        args += _layout_args(op, rows, rows.outer[head_of])
+    return args
+
+
+def attention_weights(query, key, attn_mask, is_causal, scale, enable_gqa, *, similarity="dot"):
+    on_device = any(_backends.is_device_array(x) for x in (query, key))
+    a = _prepare.check_attention(_as_device_array(query), _as_device_array(key), None,
+                                 _as_device_array(attn_mask), is_causal, scale, enable_gqa,
+                                 similarity, need_value=False)
+    out = cuda.device_array((a.N, a.L, a.S), a.in_dtype)
+    if out.size:
+        tiles = _tiles(a.dtype, 0)
+        kernel = kernels.attention_kernels(tiles, a.dtype).attention_weights
+        grid = a.N * -(-a.L // tiles.block_q)
+        kernel[grid, tiles.threads](
+            *_attention_operands(a), *_mask_args(a.mask, a.weights_shape), a.N, a.L, a.S, a.E,
+            a.dtype.type(a.scale), a.causal, a.similarity == "cosine", out)
+    return _result(out.reshape(a.weights_shape), on_device)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa, *,
+                                 similarity="dot", return_lse=False):
+    on_device = any(_backends.is_device_array(x) for x in (query, key, value))
+    a = _prepare.check_attention(_as_device_array(query), _as_device_array(key),
+                                 _as_device_array(value), _as_device_array(attn_mask), is_causal,
+                                 scale, enable_gqa, similarity)
+    out = cuda.device_array((a.N, a.L, a.Ev), a.in_dtype)
+    lse = cuda.device_array((a.N, a.L), a.dtype)
+    if a.N * a.L:
+        tiles = _tiles(a.dtype, a.Ev)
+        kernel = kernels.attention_kernels(tiles, a.dtype).attention
+        grid = (a.N * -(-a.L // tiles.block_q), max(1, -(-a.Ev // tiles.block_v)))
+        kernel[grid, tiles.threads](
+            *_attention_operands(a), *_mask_args(a.mask, a.weights_shape), a.N, a.L, a.S, a.E,
+            a.Ev, a.dtype.type(a.scale), a.causal, a.similarity == "cosine", out, lse)
+    out = _result(out.reshape((*a.lead, a.L, a.Ev)), on_device)
+    if not return_lse:
+        return out
+    return out, _result(lse.reshape((*a.lead, a.L)), on_device)
