@@ -35,12 +35,14 @@ MiB = 1024.0 * 1024.0
 # --- time --------------------------------------------------------------------------------------
 
 def time_interleaved(calls: dict, min_runs: int, min_time: float, max_runs: int,
-                     on_call=None) -> dict:
+                     max_time: float = float("inf"), on_call=None) -> dict:
     """Median seconds per call of each named callable, and the number of calls (or "skipped").
 
     Each callable is called once to warm up (not counted; its time sets how many calls fit in
     ``min_time``), then the callables take turns, so that a change in the machine's load hits
-    them all alike. ``on_call(done, planned, name)`` is told of each call (for a progress bar).
+    them all alike. A callable whose ``min_runs`` calls would take longer than ``max_time`` gets
+    fewer, but at least 3 (or ``min_runs`` if smaller). ``on_call(done, planned, name)`` is told
+    of each call (for a progress bar).
     """
     first, failed = {}, {}
     for name, fn in list(calls.items()):
@@ -57,8 +59,12 @@ def time_interleaved(calls: dict, min_runs: int, min_time: float, max_runs: int,
             continue
         first[name] = time.perf_counter() - start
     calls = {name: fn for name, fn in calls.items() if name in first}
-    runs = {name: int(min(max_runs, max(min_runs, np.ceil(min_time / max(t, 1e-9)))))
-            for name, t in first.items()}
+    runs = {}
+    for name, t in first.items():
+        n = int(min(max_runs, max(min_runs, np.ceil(min_time / max(t, 1e-9)))))
+        if n * t > max_time:
+            n = max(min(3, min_runs), int(max_time / t))
+        runs[name] = n
     planned = sum(runs[name] * max(first[name], 1e-6) for name in calls)
     done = 0.0
     times = {name: [] for name in calls}
@@ -241,6 +247,46 @@ def measure_memory(cases: list[dict], threads: int | None, on_result=None) -> di
     return results
 
 
+# --- JIT ---------------------------------------------------------------------------------------
+
+_FIRST_CALL = """
+import json, time
+start = time.perf_counter()
+import numpy as np
+import fastattn
+imported = time.perf_counter()
+q = np.ones((1, 1, 256, 64), np.{dtype})
+fastattn.scaled_dot_product_attention(q, q, q, backend="numba")
+called = time.perf_counter()
+print("RESULT " + json.dumps({{"import_s": imported - start, "first_call_s": called - imported}}))
+"""
+
+
+def first_call_in_new_process(dtype: str = "float32", cold: bool = False) -> dict:
+    """Seconds to import fastattn and make its first attention call in a new Python process.
+
+    ``cold``: with an empty Numba cache (a temporary NUMBA_CACHE_DIR), so the kernels compile;
+    otherwise they load from the cache as a user's second run would (run once first, so the
+    cache is filled). Returns {"import_s", "first_call_s"} or {"skipped": why}.
+    """
+    import tempfile
+
+    env = dict(os.environ)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    code = _FIRST_CALL.format(dtype="float32" if dtype == "float16" else dtype)
+    with tempfile.TemporaryDirectory() as cache:
+        if cold:
+            env["NUMBA_CACHE_DIR"] = cache
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+    return {"skipped": f"failed: {tail[0]}"}
+
+
 # --- the machine -------------------------------------------------------------------------------
 
 def _cpu_model_and_flags() -> tuple[str, str]:
@@ -294,7 +340,7 @@ def system_header(threads: int | None) -> dict:
     if torch is not None:
         header["torch"] = f"{torch.__version__} ({torch.get_num_threads()} threads)"
     header["gpu"] = base.get("gpu")
-    header["load average"] = " ".join(f"{x:.2f}" for x in os.getloadavg()) \
+    header["load average at the start"] = " ".join(f"{x:.2f}" for x in os.getloadavg()) \
         if hasattr(os, "getloadavg") else "n/a"
     slow = [v for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if v in os.environ]
     if slow:

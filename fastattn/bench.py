@@ -10,21 +10,21 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
+import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import _bench_impls as impls
 from . import _bench_measure as measure
+from . import _bench_report as report
 from ._bench_impls import Problem
 
 DEFAULT_LENGTHS = (1024, 4096, 8192)
 QUICK_LENGTHS = (1024, 2048)
 MEMORY_CHECK = Problem(op="attention", batch=1, heads=1, length=32768, dim=64)
 MEMORY_LIMIT_MIB = 64
-RATIO_BASELINES = ("numpy", "formula", "torch")
 
 EPILOG = f"""\
 implementations:
@@ -40,7 +40,7 @@ measures:
   GFLOP/s counts 4*B*H*L*S*D per attention call (half that when causal); the peak is NumPy's
   matrix product (sgemm for float32) on the same threads in the same run. Extra memory is the
   growth of the peak resident set during one call, less its output, measured in a fresh
-  process (Linux only); it should grow like L for fused kernels and like L^2 for the formula.
+  process (Linux only); it grows at most like L for fused kernels, like L^2 for the formula.
 
 before you run it:
   Unset OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE for this command only (they slow NumPy's BLAS
@@ -50,11 +50,15 @@ before you run it:
   another run on another day (or another machine) sees other load, clocks and BLAS.
 
 examples:
-  python -m fastattn bench --quick                    # about 30 s: the README's figures
-  python -m fastattn bench                            # issue 3's sizes: L=1024,4096,8192
-  python -m fastattn bench --memory-check             # one call at L=S=32768, H=1: < {MEMORY_LIMIT_MIB} MiB?
-  python -m fastattn bench --full --json bench/results.json --plot bench/results.png \\
-      --markdown bench/results.md                     # everything bench/RESULTS.md shows
+  python -m fastattn bench --quick           # under a minute on 2 idle cores
+  python -m fastattn bench                   # float32, B=1, H=8, D=64, L=S=1024,4096,8192
+  python -m fastattn bench --memory-check    # one call at H=1, L=S=32768: < {MEMORY_LIMIT_MIB} MiB extra?
+  python -m fastattn bench --lengths 512,2048 --causal --threads 1 --impls numba,torch
+  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m fastattn bench --full \\
+      --json bench/results.json --plot bench/results.png --markdown bench/RESULTS.md
+                  # what bench/RESULTS.md shows: --markdown replaces the text between its
+                  # "fastattn bench: begin/end" markers and leaves the rest of the file alone
+  python -m fastattn bench --from-json bench/results.json --markdown report.md   # re-report
 """
 
 
@@ -81,7 +85,9 @@ def _name_list(choices):
 
 def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m fastattn bench", description=__doc__.split("\n\n")[0].strip("`: "),
+        prog="python -m fastattn bench",
+        description="fastattn against NumPy and PyTorch, timed in one run, with this machine's\n"
+                    "own matrix-product peak and the extra memory of each call.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_argument_group("what to run")
     what.add_argument("--quick", action="store_true",
@@ -118,13 +124,23 @@ def parse_args(argv) -> argparse.Namespace:
     how.add_argument("--min-time", type=float, metavar="S",
                      help="seconds of timed calls per implementation at least, if --min-runs "
                           "are quicker (default 2; 0.3 with --quick)")
+    how.add_argument("--max-time", type=float, metavar="S",
+                     help="seconds of timed calls per implementation at most, as long as it "
+                          "gets 3 calls (default 30; 5 with --quick): the NumPy reference "
+                          "takes seconds per call at L=8192")
+    how.add_argument("--jit", action="store_true",
+                     help="also time the cold compile: the first call in a new process with an "
+                          "empty Numba cache (in --full)")
     how.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     out = parser.add_argument_group("output")
     out.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     out.add_argument("--plot", metavar="FILE.png",
                      help="GFLOP/s and memory against L, log-log (needs matplotlib)")
     out.add_argument("--markdown", metavar="FILE",
-                     help="write the report as Markdown (a section for bench/RESULTS.md)")
+                     help="write the report as Markdown; if FILE holds the markers "
+                          f"{report.BEGIN} and {report.END}, only the text between them")
+    out.add_argument("--from-json", metavar="FILE",
+                     help="run nothing: report a run saved with --json (text, --plot, --markdown)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = parser.parse_args(argv)
     if args.quick and args.full:
@@ -142,6 +158,8 @@ def parse_args(argv) -> argparse.Namespace:
         args.min_runs = 3 if args.quick else 5
     if args.min_time is None:
         args.min_time = 0.3 if args.quick else 2.0
+    if args.max_time is None:
+        args.max_time = 5.0 if args.quick else 30.0
     return args
 
 
@@ -249,16 +267,26 @@ def _usable(names) -> tuple[list, dict]:
     return usable, skipped
 
 
-def _first_call(args) -> dict:
-    """Time fastattn's first call in this process: loading the cached kernels, or compiling."""
-    problem = Problem(heads=1, length=256, dtype=args.dtype)
+def _jit_times(args, cold: bool) -> dict:
+    """fastattn's import and first call in a new process (kernels cached), and with --jit the
+    same with an empty cache (the cold compile)."""
     if impls.available("numba") is not None:
         return {}
-    fn = impls.prepare("numba", problem, impls.make_inputs(problem))
-    start = time.perf_counter()
-    fn()
-    return {"fastattn first call": f"{time.perf_counter() - start:.2f} s (Numba loads the "
-                                   f"cached kernels, or compiles them on a first run)"}
+    small = Problem(heads=1, length=256, dtype=args.dtype)
+    impls.prepare("numba", small, impls.make_inputs(small))()  # fills the cache if empty
+    out = {}
+    cases = [("cached", False)] + ([("cold", True)] if cold else [])
+    for name, is_cold in cases:
+        t = measure.first_call_in_new_process(args.dtype, cold=is_cold)
+        if "skipped" in t:
+            out[f"fastattn first call ({name})"] = t["skipped"]
+        elif is_cold:
+            out["fastattn cold compile"] = (f"{t['first_call_s']:.2f} s: the first call in a new "
+                                            f"process with an empty Numba cache")
+        else:
+            out["fastattn first call"] = (f"{t['first_call_s']:.2f} s in a new process, kernels "
+                                          f"cached (import {t['import_s']:.2f} s)")
+    return out
 
 
 def run(args) -> dict:
@@ -280,7 +308,8 @@ def run(args) -> dict:
         with measure.threads_limited(args.threads):
             progress.step("the machine")
             header = measure.system_header(args.threads)
-            header.update(_first_call(args))
+            progress.show(0.5, "JIT: fastattn's first call in a new process")
+            header.update(_jit_times(args, cold=args.jit or args.full))
             results["header"] = header
             progress.advance()
             if groups:
@@ -299,9 +328,12 @@ def run(args) -> dict:
     finally:
         progress.close()
     for group in results["groups"]:
-        _add_ratios(group)
-        group["scaling"] = _fit_scaling(group) if group["sweep"] else []
-    results["headline"] = _headline(results["groups"])
+        report.add_ratios(group)
+        group["scaling"] = report.fit_scaling(group) if group["sweep"] else []
+    results["headline"] = report.headline(results["groups"])
+    if hasattr(os, "getloadavg"):
+        results["header"]["load average at the end"] = " ".join(
+            f"{x:.2f}" for x in os.getloadavg())
     return results
 
 
@@ -320,6 +352,7 @@ def _run_group(group: Group, args, peak_gflops: float, progress: Progress) -> di
                 case_skipped[name] = str(exc)
         timings = measure.time_interleaved(
             calls, args.min_runs, args.min_time, max_runs=max(args.min_runs, 200),
+            max_time=args.max_time,
             on_call=lambda done, planned, what: progress.show(done / planned, what))
         records = []
         for name in usable:
@@ -390,281 +423,26 @@ def memory_check(args) -> dict:
     return result
 
 
-# --- derived figures ---------------------------------------------------------------------------
-
-def _add_ratios(group: dict):
-    for case in group["cases"]:
-        times = {r["impl"]: r["median_ms"] for r in case["results"] if "median_ms" in r}
-        for record in case["results"]:
-            if "median_ms" not in record:
-                continue
-            for base in RATIO_BASELINES:
-                if base in times:
-                    record[f"x_{base}"] = times[base] / record["median_ms"]
-
-
-def _slope(xs, ys) -> float | None:
-    points = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if y and y > 0]
-    if len({p[0] for p in points}) < 2:
-        return None
-    n = len(points)
-    mx = sum(p[0] for p in points) / n
-    my = sum(p[1] for p in points) / n
-    sxx = sum((p[0] - mx) ** 2 for p in points)
-    return sum((p[0] - mx) * (p[1] - my) for p in points) / sxx
-
-
-def _fit_scaling(group: dict) -> list:
-    """Exponent p of time ~ L^p and extra memory ~ L^p, per implementation and causal mode."""
-    series = {}
-    for case in group["cases"]:
-        p = case["problem"]
-        for record in case["results"]:
-            if "median_ms" in record:
-                key = (record["impl"], p["causal"])
-                series.setdefault(key, []).append((p["length"], record["median_ms"],
-                                                   record.get("extra_mib")))
-    fits = []
-    for (impl, causal), points in series.items():
-        lengths = [x[0] for x in points]
-        memory = [x[2] for x in points]
-        fits.append({"impl": impl, "causal": causal, "lengths": lengths,
-                     "time_exponent": _slope(lengths, [x[1] for x in points]),
-                     "memory_exponent": _slope(lengths, memory)
-                     if all(m is not None for m in memory) else None})
-    return fits
-
-
-def _headline(groups: list) -> dict:
-    """Range of each fastattn implementation's speed ratios over the first group's cases."""
-    if not groups:
-        return {}
-    head = {}
-    for impl in ("numba", "cuda"):
-        for base in RATIO_BASELINES:
-            ratios = [r[f"x_{base}"] for case in groups[0]["cases"] for r in case["results"]
-                      if r["impl"] == impl and f"x_{base}" in r]
-            if ratios:
-                head[f"{impl} vs {base}"] = [min(ratios), max(ratios)]
-    return head
-
-
-# --- reports -----------------------------------------------------------------------------------
-
-def _fmt(value, spec: str, missing: str = "-") -> str:
-    return missing if value is None else format(value, spec)
-
-
-def _row_cells(record: dict) -> list[str]:
-    if "skipped" in record:
-        return [record["impl"], f"skipped: {record['skipped']}"]
-    return [record["impl"],
-            _fmt(record.get("median_ms"), ".2f" if record.get("median_ms", 0) < 100 else ".0f"),
-            _fmt(record.get("gflops"), ".1f"),
-            _fmt(record.get("peak_share") and record["peak_share"] * 100, ".0f"),
-            _fmt(record.get("extra_mib"), ".1f" if (record.get("extra_mib") or 0) < 1000
-                 else ".0f"),
-            *[_fmt(record.get(f"x_{b}"), ".2f") for b in RATIO_BASELINES]]
-
-
-COLUMNS = ["impl", "median ms", "GFLOP/s", "% peak", "extra MiB",
-           *[f"x {b}" for b in RATIO_BASELINES]]
-
-
-def render_text(results: dict) -> str:
-    lines = []
-    header = results.get("header", {})
-    width = max((len(k) for k in header), default=0)
-    for key, value in header.items():
-        if isinstance(value, list):
-            for i, item in enumerate(value):
-                lines.append(f"{key if i == 0 else '':{width}}  {item}")
-        else:
-            lines.append(f"{key:{width}}  {value}")
-    gemm = results.get("gemm")
-    if gemm:
-        lines.append(f"{'peak':{width}}  {gemm['gflops']:.1f} GFLOP/s: NumPy {gemm['name']} "
-                     f"{gemm['n']}x{gemm['n']}, best of {gemm['runs']}, same threads, this run")
-    if results.get("groups"):
-        lines.append("")
-        lines.append("Median of the timed calls; GFLOP/s = 4*B*H*L*S*D/time (half for causal); "
-                     "% peak = share of the peak above;")
-        lines.append("extra MiB = peak memory of one call beyond inputs and output; x NAME = "
-                     "NAME's time / this time (> 1: faster).")
-    for group in results.get("groups", []):
-        lines.append("")
-        lines.append(f"== {group['name']} ==" + (f"  ({group['note']})" if group["note"] else ""))
-        for name, reason in group["unavailable"].items():
-            lines.append(f"(not run: {name}: {reason})")
-        for case in group["cases"]:
-            lines.append(case["problem"]["label"])
-            lines.extend(_text_table([_row_cells(r) for r in case["results"]]))
-        if group.get("scaling"):
-            lines.append("")
-            lines.append("growth with L (least-squares slope on log-log): time ~2; memory ~2 "
-                         "where the L x S scores are stored, at most ~1 for fused kernels")
-            lines.append("(below 1 when a constant, the per-thread scratch, still outweighs the "
-                         "O(L) part):")
-            rows = [["impl", "causal", "time ~ L^p", "memory ~ L^p"]]
-            for fit in group["scaling"]:
-                rows.append([fit["impl"], "yes" if fit["causal"] else "no",
-                             _fmt(fit["time_exponent"], ".2f"),
-                             _fmt(fit["memory_exponent"], ".2f")])
-            lines.extend(_text_table(rows, header=True))
-    if results.get("headline"):
-        lines.append("")
-        lines.append("headline (range over the " + results["groups"][0]["name"] + " cases):")
-        for key, (low, high) in results["headline"].items():
-            lines.append(f"  {key}: {low:.2f}x to {high:.2f}x")
-    check = results.get("memory_check")
-    if check:
-        lines.append("")
-        lines.extend(_memory_check_lines(check))
-    return "\n".join(lines)
-
-
-def _memory_check_lines(check: dict) -> list[str]:
-    p = check["problem"]
-    lines = [f"memory check: one call at B={p['batch']} H={p['heads']} L=S={p['length']} "
-             f"D={p['dim']} {p['dtype']} (the score matrix alone would be "
-             f"{check['score_matrix_mib']:.0f} MiB); limit {check['limit_mib']} MiB "
-             f"beyond inputs and output"]
-    for name, rec in check["results"].items():
-        if "extra_mib" in rec:
-            lines.append(f"  {name:8} {rec['extra_mib']:8.1f} MiB extra  ({rec['seconds']:.2f} s)")
-        else:
-            lines.append(f"  {name:8} skipped: {rec.get('skipped')}")
-    lines.append(f"  {'PASSED' if check['passed'] else 'FAILED'} (fastattn numba)")
-    return lines
-
-
-def _text_table(rows: list[list[str]], header: bool = False) -> list[str]:
-    if not header:
-        rows = [COLUMNS] + rows
-    full = [r for r in rows if len(r) == len(rows[0])]
-    widths = [max(len(r[i]) for r in full) for i in range(len(rows[0]))]
-    out = []
-    for row in rows:
-        if len(row) != len(widths):
-            out.append(f"  {row[0]:<{widths[0]}}  {' '.join(row[1:])}")
-        else:
-            out.append("  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                                        for i, (cell, w) in enumerate(zip(row, widths))))
-    return out
-
-
-def render_markdown(results: dict) -> str:
-    header = results.get("header", {})
-    lines = [f"### Run of {header.get('date', '?')}", "", "```", results["command"], "```", ""]
-    for key, value in header.items():
-        if key == "date":
-            continue
-        value = "; ".join(value) if isinstance(value, list) else value
-        lines.append(f"- {key}: {value}")
-    gemm = results.get("gemm")
-    if gemm:
-        lines.append(f"- measured peak: {gemm['gflops']:.1f} GFLOP/s (NumPy {gemm['name']} "
-                     f"{gemm['n']}x{gemm['n']}, best of {gemm['runs']}, same threads, same run)")
-    for group in results.get("groups", []):
-        lines += ["", f"#### {group['name']}", ""]
-        if group["note"]:
-            lines += [group["note"], ""]
-        for name, reason in group["unavailable"].items():
-            lines += [f"Not run: {name} ({reason}).", ""]
-        lines.append("| case | " + " | ".join(COLUMNS) + " |")
-        lines.append("|---|" + "---|" + "---:|" * (len(COLUMNS) - 1))
-        for case in group["cases"]:
-            label = case["problem"]["label"]
-            for record in case["results"]:
-                cells = _row_cells(record)
-                if len(cells) != len(COLUMNS):
-                    cells = [cells[0], cells[1]] + [""] * (len(COLUMNS) - 2)
-                lines.append(f"| {label} | " + " | ".join(cells) + " |")
-                label = ""
-        if group.get("scaling"):
-            lines += ["", "| impl | causal | time ~ L^p | extra memory ~ L^p |",
-                      "|---|---|---:|---:|"]
-            for fit in group["scaling"]:
-                lines.append(f"| {fit['impl']} | {'yes' if fit['causal'] else 'no'} | "
-                             f"{_fmt(fit['time_exponent'], '.2f')} | "
-                             f"{_fmt(fit['memory_exponent'], '.2f')} |")
-    if results.get("headline"):
-        lines += ["", "Headline ratios (range over the " + results["groups"][0]["name"]
-                  + " cases; > 1 means fastattn is faster):", ""]
-        for key, (low, high) in results["headline"].items():
-            lines.append(f"- {key}: {low:.2f}x to {high:.2f}x")
-    if results.get("memory_check"):
-        lines += ["", "```", *_memory_check_lines(results["memory_check"]), "```"]
-    return "\n".join(lines) + "\n"
-
-
-def plot(results: dict, path: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    group = next((g for g in results.get("groups", []) if g["sweep"]), None)
-    if group is None:
-        print("--plot: nothing to plot (give several --lengths)", file=sys.stderr)
-        return
-    fig, (ax_speed, ax_memory) = plt.subplots(1, 2, figsize=(12, 4.8))
-    colors = {}
-    for impl in group["impls"]:
-        for causal in (False, True):
-            pts = [(c["problem"]["length"], r) for c in group["cases"] for r in c["results"]
-                   if r["impl"] == impl and c["problem"]["causal"] == causal and "median_ms" in r]
-            if not pts:
-                continue
-            style = dict(marker="o", linestyle="--" if causal else "-",
-                         label=f"{impl}{' causal' if causal else ''}")
-            if impl in colors:
-                style["color"] = colors[impl]
-            line, = ax_speed.plot([L for L, _ in pts], [r.get("gflops", 0) for _, r in pts],
-                                  **style)
-            colors[impl] = line.get_color()
-            style["color"] = colors[impl]
-            mem = [(L, r["extra_mib"]) for L, r in pts if (r.get("extra_mib") or 0) > 0]
-            if mem:
-                ax_memory.plot([L for L, _ in mem], [m for _, m in mem], **style)
-    peak = results.get("gemm", {}).get("gflops")
-    if peak:
-        ax_speed.axhline(peak, color="grey", linewidth=0.8, linestyle=":")
-        ax_speed.annotate(f"{results['gemm']['name']} peak {peak:.0f}", (0.01, 0.97),
-                          xycoords="axes fraction", va="top", fontsize=8, color="grey")
-    for ax, ylabel in ((ax_speed, "GFLOP/s (4·B·H·L·S·D / time)"),
-                       (ax_memory, "extra memory of one call (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length L = S")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    header = results.get("header", {})
-    first = group["cases"][0]["problem"]
-    fig.suptitle(f"{group['name']}: B={first['batch']} H={first['heads']} D={first['dim']} "
-                 f"{first['dtype']} · {header.get('cpu', '')} · {header.get('threads')} threads · "
-                 f"{header.get('date', '')}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     args.argv = argv
-    results = run(args)
-    print(render_text(results))
-    if args.json:
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = json.load(f)
+    else:
+        results = run(args)
+    print(report.render_text(results))
+    if args.json and not args.from_json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=str)
         print(f"\nwrote {args.json}")
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(render_markdown(results))
-        print(f"wrote {args.markdown}")
     if args.plot:
-        plot(results, args.plot)
+        report.plot(results, args.plot)
         print(f"wrote {args.plot}")
+    if args.markdown:
+        report.write_markdown(args.markdown, report.render_markdown(
+            results, plot_path=args.plot, markdown_path=args.markdown))
+        print(f"wrote {args.markdown}")
     check = results.get("memory_check")
     return 1 if check and not check["passed"] else 0
