@@ -99,7 +99,7 @@ COLUMNS = ["impl", "median ms", "GFLOP/s", "% peak", "extra MiB",
 
 
 def render_text(results: dict) -> str:
-    lines = []
+    lines = [f"note: {results['note']}", ""] if results.get("note") else []
     header = results.get("header", {})
     width = max((len(k) for k in header), default=0)
     for key, value in header.items():
@@ -205,6 +205,8 @@ def render_markdown(results: dict, plot_path: str | None = None,
                     markdown_path: str | None = None) -> str:
     header = results.get("header", {})
     lines = [f"### Run of {header.get('date', '?')}", "", "```", results["command"], "```", ""]
+    if results.get("note"):
+        lines += [f"**Note:** {results['note']}", ""]
     if plot_path:
         rel = os.path.relpath(plot_path, os.path.dirname(os.path.abspath(markdown_path or ".")))
         lines += [f"![GFLOP/s and extra memory against L]({rel})", ""]

@@ -139,6 +139,8 @@ def parse_args(argv) -> argparse.Namespace:
     out.add_argument("--markdown", metavar="FILE",
                      help="write the report as Markdown; if FILE holds the markers "
                           f"{report.BEGIN} and {report.END}, only the text between them")
+    out.add_argument("--note", metavar="TEXT",
+                     help="a remark printed with the report, e.g. how busy the machine was")
     out.add_argument("--from-json", metavar="FILE",
                      help="run nothing: report a run saved with --json (text, --plot, --markdown)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -302,6 +304,7 @@ def run(args) -> dict:
     n_cases = sum(len(g.problems) for g in groups)
     total = 2 + n_cases + (1 if memory_reason is None and n_cases else 0) + (1 if check else 0)
     progress = Progress(total, enabled=not args.no_progress)
+    started = time.perf_counter()
     results = {"command": "python -m fastattn bench " + " ".join(args.argv),
                "options": {k: v for k, v in vars(args).items() if k != "argv"}}
     try:
@@ -334,6 +337,9 @@ def run(args) -> dict:
     if hasattr(os, "getloadavg"):
         results["header"]["load average at the end"] = " ".join(
             f"{x:.2f}" for x in os.getloadavg())
+    results["header"]["this run took"] = f"{time.perf_counter() - started:.0f} s"
+    if args.note:
+        results["note"] = args.note
     return results
 
 
@@ -430,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         with open(args.from_json) as f:
             results = json.load(f)
+        if args.note:
+            results["note"] = args.note
     else:
         results = run(args)
     print(report.render_text(results))
