@@ -14,12 +14,15 @@ RATIO_BASELINES = ("numpy", "formula", "torch")
 
 # --- derived figures ---------------------------------------------------------------------------
 
-def add_ratios(group: dict):
+def add_ratios(group: dict, peak_gflops: float):
+    """Speed ratios against each baseline, and the share of the measured peak."""
     for case in group["cases"]:
         times = {r["impl"]: r["median_ms"] for r in case["results"] if "median_ms" in r}
         for record in case["results"]:
             if "median_ms" not in record:
                 continue
+            if "gflops" in record:
+                record["peak_share"] = record["gflops"] / peak_gflops
             for base in RATIO_BASELINES:
                 if base in times:
                     record[f"x_{base}"] = times[base] / record["median_ms"]
@@ -73,6 +76,24 @@ def headline(groups: list) -> dict:
 
 # --- reports -----------------------------------------------------------------------------------
 
+def _peak_text(gemm: dict) -> str:
+    text = (f"{gemm['gflops']:.1f} GFLOP/s: NumPy {gemm['name']} {gemm['n']}x{gemm['n']}, "
+            f"best of {gemm['runs']}")
+    if "start_gflops" in gemm:
+        text += (f" at the start ({gemm['start_gflops']:.1f}) and at the end "
+                 f"({gemm['end_gflops']:.1f}) of the run")
+    return text + ", on the same threads"
+
+
+def _over_peak(results: dict) -> bool:
+    return any(r.get("peak_share", 0) > 1 for g in results.get("groups", [])
+               for c in g["cases"] for r in c["results"])
+
+
+OVER_PEAK = ("A share of the peak above 100% means that other work on the machine slowed both "
+             "measurements of the peak: the run was disturbed.")
+
+
 def _span(span) -> str:
     low, high = span
     return f"{low:.2f}x" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f}x to {high:.2f}x"
@@ -110,14 +131,15 @@ def render_text(results: dict) -> str:
             lines.append(f"{key:{width}}  {value}")
     gemm = results.get("gemm")
     if gemm:
-        lines.append(f"{'peak':{width}}  {gemm['gflops']:.1f} GFLOP/s: NumPy {gemm['name']} "
-                     f"{gemm['n']}x{gemm['n']}, best of {gemm['runs']}, same threads, this run")
+        lines.append(f"{'peak':{width}}  {_peak_text(gemm)}")
     if results.get("groups"):
         lines.append("")
         lines.append("Median of the timed calls; GFLOP/s = 4*B*H*L*S*D/time (half for causal); "
                      "% peak = share of the peak above;")
         lines.append("extra MiB = peak memory of one call beyond inputs and output; x NAME = "
                      "NAME's time / this time (> 1: faster).")
+        if _over_peak(results):
+            lines.append(OVER_PEAK)
     for group in results.get("groups", []):
         lines.append("")
         lines.append(f"== {group['name']} ==" + (f"  ({group['note']})" if group["note"] else ""))
@@ -217,8 +239,9 @@ def render_markdown(results: dict, plot_path: str | None = None,
         lines.append(f"- {key}: {value}")
     gemm = results.get("gemm")
     if gemm:
-        lines.append(f"- measured peak: {gemm['gflops']:.1f} GFLOP/s (NumPy {gemm['name']} "
-                     f"{gemm['n']}x{gemm['n']}, best of {gemm['runs']}, same threads, same run)")
+        lines.append(f"- measured peak: {_peak_text(gemm)}")
+    if _over_peak(results):
+        lines += ["", OVER_PEAK]
     for group in results.get("groups", []):
         lines += ["", f"#### {group['name']}", ""]
         if group["note"]:
