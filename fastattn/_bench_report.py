@@ -145,6 +145,9 @@ def render_text(results: dict) -> str:
         lines.append(f"== {group['name']} ==" + (f"  ({group['note']})" if group["note"] else ""))
         for name, reason in group["unavailable"].items():
             lines.append(f"(not run: {name}: {reason})")
+        if not group["impls"]:
+            lines.append("(no implementation chosen is usable here)")
+            continue
         for case in group["cases"]:
             lines.append(case["problem"]["label"])
             lines.extend(_text_table([_row_cells(r) for r in case["results"]]))
@@ -275,7 +278,8 @@ def render_markdown(results: dict, plot_path: str | None = None,
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, path: str):
+def plot(results: dict, path: str) -> bool:
+    """GFLOP/s and extra memory against L (log-log) for the first group that sweeps L."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -283,7 +287,7 @@ def plot(results: dict, path: str):
     group = next((g for g in results.get("groups", []) if g["sweep"]), None)
     if group is None:
         print("--plot: nothing to plot (give several --lengths)", file=sys.stderr)
-        return
+        return False
     fig, (ax_speed, ax_memory) = plt.subplots(1, 2, figsize=(12, 4.8))
     colors = {}
     for impl in group["impls"]:
@@ -335,3 +339,4 @@ def plot(results: dict, path: str):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True

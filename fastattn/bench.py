@@ -154,6 +154,12 @@ def parse_args(argv) -> argparse.Namespace:
     if args.heads < 1 or kv_heads < 1 or args.heads % kv_heads:
         parser.error(f"--heads ({args.heads}) must be a positive multiple of --kv-heads "
                      f"({kv_heads})")
+    if args.threads is not None:
+        import numba
+
+        if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
+            parser.error(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS} "
+                         f"(Numba's thread pool here; set NUMBA_NUM_THREADS for more)")
     if args.lengths is None:
         args.lengths = list(QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)
     if args.min_runs is None:
@@ -453,8 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=str)
         print(f"\nwrote {args.json}")
-    if args.plot:
-        report.plot(results, args.plot)
+    if args.plot and report.plot(results, args.plot):
         print(f"wrote {args.plot}")
     if args.markdown:
         report.write_markdown(args.markdown, report.render_markdown(
