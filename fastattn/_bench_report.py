@@ -145,6 +145,8 @@ def render_text(results: dict) -> str:
         lines.append(f"== {group['name']} ==" + (f"  ({group['note']})" if group["note"] else ""))
         for name, reason in group["unavailable"].items():
             lines.append(f"(not run: {name}: {reason})")
+        if group.get("memory_skipped"):
+            lines.append(f"(extra memory not measured: {group['memory_skipped']})")
         if not group["impls"]:
             lines.append("(no implementation chosen is usable here)")
             continue
@@ -186,7 +188,8 @@ def _memory_check_lines(check: dict) -> list[str]:
             lines.append(f"  {name:8} {rec['extra_mib']:8.1f} MiB extra  ({rec['seconds']:.2f} s)")
         else:
             lines.append(f"  {name:8} skipped: {rec.get('skipped')}")
-    lines.append(f"  {'PASSED' if check['passed'] else 'FAILED'} (fastattn numba)")
+    verdict = {True: "PASSED", False: "FAILED", None: "NOT MEASURED"}[check["passed"]]
+    lines.append(f"  {verdict} (fastattn numba)")
     return lines
 
 
@@ -251,6 +254,8 @@ def render_markdown(results: dict, plot_path: str | None = None,
             lines += [group["note"], ""]
         for name, reason in group["unavailable"].items():
             lines += [f"Not run: {name} ({reason}).", ""]
+        if group.get("memory_skipped"):
+            lines += [f"Extra memory not measured ({group['memory_skipped']}).", ""]
         lines.append("| case | " + " | ".join(COLUMNS) + " |")
         lines.append("|---|" + "---|" + "---:|" * (len(COLUMNS) - 1))
         for case in group["cases"]:

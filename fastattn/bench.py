@@ -98,7 +98,7 @@ def parse_args(argv) -> argparse.Namespace:
     what.add_argument("--memory-check", action="store_true",
                       help=f"only the memory check: one call at B=1, H=1, L=S=32768, D=64 "
                            f"float32 must need < {MEMORY_LIMIT_MIB} MiB beyond inputs and output "
-                           f"(exit status 1 if not)")
+                           f"(exit status 1 if not, 2 if it cannot be measured here)")
     what.add_argument("--lengths", type=_int_list, metavar="L,...",
                       help=f"sequence lengths L=S (default {','.join(map(str, DEFAULT_LENGTHS))})")
     causal = what.add_mutually_exclusive_group()
@@ -405,6 +405,8 @@ def _add_memory(groups: list, args, reason, progress: Progress):
                     jobs.append({"key": f"{gi}/{ci}/{record['impl']}", "impl": record["impl"],
                                  "problem": problem})
     if reason is not None:
+        for group in groups:
+            group["memory_skipped"] = reason
         return
     progress.step(f"extra memory of one call ({len(jobs)} calls in a fresh process)")
     done = [0]
@@ -439,7 +441,9 @@ def memory_check(args) -> dict:
               "results": {name: ({"extra_mib": rec["extra_bytes"] / measure.MiB,
                                   "seconds": rec["seconds"]} if "extra_bytes" in rec else rec)
                           for name, rec in memory.items()}}
-    result["passed"] = "extra_bytes" in numba and numba["extra_bytes"] < MEMORY_LIMIT_MIB * measure.MiB
+    # None: could not be measured here (no /proc, no numba): neither passed nor failed.
+    result["passed"] = (numba["extra_bytes"] < MEMORY_LIMIT_MIB * measure.MiB
+                        if "extra_bytes" in numba else None)
     return result
 
 
@@ -466,4 +470,6 @@ def main(argv: list[str] | None = None) -> int:
             results, plot_path=args.plot, markdown_path=args.markdown))
         print(f"wrote {args.markdown}")
     check = results.get("memory_check")
-    return 1 if check and not check["passed"] else 0
+    if check and check["passed"] is not None:
+        return 0 if check["passed"] else 1
+    return 2 if check else 0
