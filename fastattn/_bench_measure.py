@@ -9,8 +9,9 @@ during the call, less the output it returns, in a fresh worker process started w
 map every allocation above 64 KiB afresh and to give freed memory back (MALLOC_MMAP_THRESHOLD_,
 MALLOC_TRIM_THRESHOLD_), so no call hides its memory in pages an earlier call left behind. The
 peak is reset before each call by writing 5 to /proc/self/clear_refs (Linux). This sees every
-allocation: NumPy's, PyTorch's and the ones Numba's compiled code makes (tracemalloc sees none of
-the last). Without /proc (macOS, Windows) memory is not measured.
+allocation that the call touches: NumPy's, Numba's compiled code's, PyTorch's, BLAS buffers and
+thread stacks alike (tracemalloc sees only what goes through Python's allocators, which misses
+PyTorch's and BLAS's). Without /proc (macOS, Windows) memory is not measured.
 """
 from __future__ import annotations
 
