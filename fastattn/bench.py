@@ -225,6 +225,7 @@ class Progress:
         self.done = 0.0
         self.start = time.perf_counter()
         self.step_label = ""
+        self.drawn = 0.0
 
     def step(self, label: str):
         """A new step (one unit of work) begins."""
@@ -235,8 +236,10 @@ class Progress:
 
     def show(self, fraction: float, detail: str):
         """Within the current step, ``fraction`` of it is done; ``detail`` says what runs."""
-        if not self.tty:
+        now = time.perf_counter()
+        if not self.tty or (detail and now - self.drawn < 0.1):  # at most 10 redraws a second
             return
+        self.drawn = now
         width = shutil.get_terminal_size((100, 20)).columns - 1
         share = min(1.0, (self.done + min(max(fraction, 0.0), 1.0)) / self.total)
         bar = "#" * int(round(share * 24))
