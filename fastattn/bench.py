@@ -11,6 +11,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -314,7 +315,7 @@ def run(args) -> dict:
     total = 3 + n_cases + (1 if memory_reason is None and n_cases else 0) + (1 if check else 0)
     progress = Progress(total, enabled=not args.no_progress)
     started = time.perf_counter()
-    results = {"command": "python -m fastattn bench " + " ".join(args.argv),
+    results = {"command": "python -m fastattn bench " + shlex.join(args.argv),
                "options": {k: v for k, v in vars(args).items() if k != "argv"}}
     try:
         with measure.threads_limited(args.threads):
