@@ -15,7 +15,7 @@ setup(
     install_requires=["numpy>=1.24", "scipy>=1.10", "numba>=0.59"],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"],
-        "bench": ["pytest-benchmark>=4", "matplotlib>=3.6"],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.6", "threadpoolctl>=3"],
         "cuda": ["numba-cuda>=0.20"],
         "torch": ["torch>=2.1"],
     },

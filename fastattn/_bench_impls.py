@@ -1,0 +1,380 @@
+"""What the benchmarks compare: one problem, computed by each implementation in turn.
+
+Shared by ``python -m fastattn bench`` and the pytest-benchmark suite in ``bench/``, so both time
+exactly the same calls. A :class:`Problem` describes the sizes; :func:`prepare` turns it and an
+implementation name into a no-argument callable that computes the answer (inputs already made,
+copied to the GPU or wrapped as tensors outside the timed part) and returns it.
+
+Implementations:
+    numba    fastattn, backend="numba" (the fused CPU kernels)
+    numpy    fastattn, backend="numpy" (the reference, through the checked API)
+    formula  the plain NumPy formula a user would write: softmax(q k^T * scale) v, in place
+    scipy    scipy.special.softmax (softmax only)
+    torch    PyTorch on CPU tensors sharing the NumPy arrays' memory
+    cuda     fastattn, backend="cuda", inputs already on the GPU (timed to the end of the kernel)
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+OPS = ("attention", "softmax", "similarity", "mha")
+IMPLS = {
+    "attention": ("numba", "numpy", "formula", "torch", "cuda"),
+    "softmax": ("numba", "numpy", "formula", "scipy", "torch", "cuda"),
+    "similarity": ("numba", "numpy", "formula", "torch", "cuda"),
+    "mha": ("numba", "numpy", "torch"),
+}
+DTYPES = ("float32", "float64", "float16")
+
+
+class Unavailable(Exception):
+    """This implementation cannot run this problem here; the message says why."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Sizes of one benchmark case, with PyTorch's names: (B, H, L, D) queries, (B, Hkv, S, D) keys.
+
+    op: "attention" (scaled dot-product attention), "softmax" over the last axis of a (B, H, L, S)
+    score array, "similarity" (B, H, L, D) x (B, H, S, D) -> (B, H, L, S), or "mha" (the multi-head
+    layer on (B, L, H*D) embeddings, self-attention).
+    mask: None, "float" (an additive (L, S) bias) or "bool" (an (L, S) keep mask), broadcast over
+    batch and heads.
+    """
+    op: str = "attention"
+    batch: int = 1
+    heads: int = 8
+    kv_heads: int | None = None
+    length: int = 1024
+    kv_length: int | None = None
+    dim: int = 64
+    dtype: str = "float32"
+    causal: bool = False
+    mask: str | None = None
+
+    def __post_init__(self):
+        if self.op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.mask not in (None, "float", "bool"):
+            raise ValueError(f"mask must be None, 'float' or 'bool', got {self.mask!r}")
+        if self.heads % self.hkv:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.hkv})")
+
+    @property
+    def hkv(self) -> int:
+        return self.heads if self.kv_heads is None else self.kv_heads
+
+    @property
+    def S(self) -> int:
+        return self.length if self.kv_length is None else self.kv_length
+
+    @property
+    def gqa(self) -> bool:
+        return self.hkv != self.heads
+
+    def flops(self) -> float:
+        """Floating-point operations, counted as PyTorch and FlashAttention do.
+
+        Attention: 4*B*H*L*S*D (two matrix products), half that when causal. Similarity: half of
+        that (one product). MHA: the attention plus the four projections, 8*B*L*E^2. Softmax: 0
+        (it is memory-bound; GFLOP/s is not shown for it).
+        """
+        B, H, L, S, D = self.batch, self.heads, self.length, self.S, self.dim
+        attention = 4.0 * B * H * L * S * D * (0.5 if self.causal else 1.0)
+        if self.op == "attention":
+            return attention
+        if self.op == "similarity":
+            return attention / 2
+        if self.op == "mha":
+            E = H * D
+            return attention + 8.0 * B * L * E * E
+        return 0.0
+
+    def label(self) -> str:
+        parts = [self.op]
+        if self.op == "mha":
+            parts.append(f"B={self.batch} L={self.length} E={self.heads * self.dim} "
+                         f"H={self.heads}")
+        else:
+            parts.append(f"B={self.batch} H={self.heads}")
+            if self.gqa:
+                parts[-1] += f"/{self.hkv}kv"
+            parts.append(f"L={self.length}" if self.S == self.length
+                         else f"L={self.length} S={self.S}")
+            if self.op != "softmax":
+                parts.append(f"D={self.dim}")
+        if self.causal:
+            parts.append("causal")
+        if self.mask:
+            parts.append(f"{self.mask} mask")
+        if self.dtype != "float32":
+            parts.append(self.dtype)
+        return " ".join(parts)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(kv_heads=self.hkv, kv_length=self.S, flops=self.flops(), label=self.label())
+        return d
+
+    def with_(self, **changes) -> "Problem":
+        return replace(self, **changes)
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+def make_inputs(p: Problem, seed: int = 0) -> dict:
+    """The NumPy inputs of a problem (standard normal values, fixed seed)."""
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(p.dtype)
+    gen_dtype = np.float64 if dtype == np.float64 else np.float32
+
+    def normal(*shape):
+        return rng.standard_normal(shape, dtype=gen_dtype).astype(dtype, copy=False)
+
+    B, H, Hkv, L, S, D = p.batch, p.heads, p.hkv, p.length, p.S, p.dim
+    if p.op == "softmax":
+        arrays = {"x": normal(B, H, L, S) * dtype.type(3)}
+    elif p.op == "similarity":
+        arrays = {"a": normal(B, H, L, D), "b": normal(B, H, S, D)}
+    elif p.op == "mha":
+        arrays = {"x": normal(B, L, H * D)}
+    else:
+        arrays = {"q": normal(B, H, L, D), "k": normal(B, Hkv, S, D), "v": normal(B, Hkv, S, D)}
+    if p.mask == "float":
+        # A relative-position bias (ALiBi-like): farther keys count less.
+        i = np.arange(L)[:, None]
+        j = np.arange(S)[None, :]
+        arrays["mask"] = (-0.01 * np.abs(i - j)).astype(dtype)
+    elif p.mask == "bool":
+        keep = rng.random((L, S)) < 0.9
+        np.fill_diagonal(keep, True)  # every query keeps at least one key
+        arrays["mask"] = keep
+    return arrays
+
+
+def nbytes(result) -> int:
+    """Bytes held by a result (array, tensor, device array or a tuple of them)."""
+    if result is None:
+        return 0
+    if isinstance(result, (tuple, list)):
+        return sum(nbytes(r) for r in result)
+    if hasattr(result, "nbytes"):
+        return int(result.nbytes)
+    if hasattr(result, "element_size"):  # torch tensor
+        return int(result.element_size() * result.nelement())
+    return 0
+
+
+# --- implementations ---------------------------------------------------------------------------
+
+def available(impl: str) -> str | None:
+    """None if ``impl`` can run here at all, else why not (problem-specific checks come later)."""
+    if impl == "numba":
+        from ._backends import numba_unavailable_reason
+        return numba_unavailable_reason()
+    if impl == "torch" and importlib.util.find_spec("torch") is None:
+        return "PyTorch is not installed (pip install torch)"
+    if impl == "scipy" and importlib.util.find_spec("scipy") is None:
+        return "SciPy is not installed"
+    if impl == "cuda":
+        from ._backends import cuda_unavailable_reason
+        return cuda_unavailable_reason()
+    return None
+
+
+def prepare(impl: str, p: Problem, arrays: dict):
+    """A no-argument callable computing problem ``p`` with ``impl`` on ``arrays``.
+
+    Raises :class:`Unavailable` when ``impl`` cannot run ``p`` here.
+    """
+    if impl not in IMPLS[p.op]:
+        raise Unavailable(f"{impl} does not implement {p.op}")
+    reason = available(impl)
+    if reason is not None:
+        raise Unavailable(reason)
+    return _PREPARE[impl](p, arrays)
+
+
+def _scale(p: Problem) -> float:
+    return 1.0 / math.sqrt(p.dim)
+
+
+def _fastattn(backend: str):
+    def build(p: Problem, a: dict):
+        import fastattn
+
+        if p.op == "attention":
+            return lambda: fastattn.scaled_dot_product_attention(
+                a["q"], a["k"], a["v"], a.get("mask"), is_causal=p.causal, enable_gqa=p.gqa,
+                backend=backend)
+        if p.op == "softmax":
+            if p.mask == "float":
+                raise Unavailable("fastattn.softmax takes bool masks only")
+            return lambda: fastattn.softmax(a["x"], mask=a.get("mask"), backend=backend)
+        if p.op == "similarity":
+            return lambda: fastattn.similarity(a["a"], a["b"], "dot", backend=backend)
+        return _fastattn_mha(p, a, backend)
+    return build
+
+
+def _fastattn_mha(p: Problem, a: dict, backend: str):
+    import fastattn
+
+    if not hasattr(fastattn, "MultiHeadAttention"):
+        raise Unavailable("fastattn.MultiHeadAttention does not exist in this version")
+    try:
+        layer = fastattn.MultiHeadAttention(p.heads * p.dim, p.heads, num_kv_heads=p.kv_heads,
+                                            dtype=np.dtype(p.dtype), seed=0)
+    except TypeError as exc:
+        raise Unavailable(f"fastattn.MultiHeadAttention: {exc}") from None
+    x, mask = a["x"], a.get("mask")
+    return lambda: layer(x, attn_mask=mask, is_causal=p.causal, backend=backend)
+
+
+def _formula(p: Problem, a: dict):
+    """The plain NumPy formula, written with care (in place, no needless temporaries)."""
+    if p.op == "mha":
+        raise Unavailable("no plain formula for the layer (the numpy implementation is one)")
+    if p.op == "similarity":
+        x, y = a["a"], a["b"]
+        return lambda: x @ np.swapaxes(y, -1, -2)
+    if p.op == "softmax":
+        x, mask = a["x"], a.get("mask")
+
+        def softmax():
+            s = x + mask if p.mask == "float" else x.copy()
+            if p.mask == "bool":
+                np.copyto(s, -np.inf, where=~mask)
+            s -= s.max(axis=-1, keepdims=True)
+            np.exp(s, out=s)
+            s /= s.sum(axis=-1, keepdims=True)
+            return s
+        return softmax
+
+    q, k, v, mask = a["q"], a["k"], a["v"], a.get("mask")
+    scale = np.asarray(_scale(p), q.dtype)
+    group = p.heads // p.hkv
+
+    def attention():
+        kk, vv = k, v
+        if group > 1:
+            kk, vv = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+        s = q @ np.swapaxes(kk, -1, -2)
+        s *= scale
+        if p.mask == "float":
+            s += mask
+        elif p.mask == "bool":
+            np.copyto(s, -np.inf, where=~mask)
+        if p.causal:
+            np.copyto(s, -np.inf, where=~np.tri(p.length, p.S, dtype=bool))
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(axis=-1, keepdims=True)
+        return s @ vv
+    return attention
+
+
+def _scipy(p: Problem, a: dict):
+    if p.op != "softmax":
+        raise Unavailable("scipy implements softmax only")
+    if p.mask:
+        raise Unavailable("scipy.special.softmax takes no mask")
+    from scipy.special import softmax
+
+    x = a["x"]
+    return lambda: softmax(x, axis=-1)
+
+
+def _torch(p: Problem, a: dict):
+    import torch
+
+    t = {name: torch.from_numpy(arr) for name, arr in a.items()}  # shares the memory
+    if p.op == "mha":
+        return _torch_mha(p, t)
+
+    def no_grad(fn):
+        def call():
+            with torch.inference_mode():
+                return fn()
+        return call
+
+    if p.op == "similarity":
+        return no_grad(lambda: torch.matmul(t["a"], t["b"].transpose(-1, -2)))
+    if p.op == "softmax":
+        x, mask = t["x"], t.get("mask")
+        if p.mask == "bool":
+            return no_grad(lambda: torch.softmax(x.masked_fill(~mask, -math.inf), dim=-1))
+        if p.mask == "float":
+            return no_grad(lambda: torch.softmax(x + mask, dim=-1))
+        return no_grad(lambda: torch.softmax(x, dim=-1))
+    if p.causal and p.mask:
+        raise Unavailable("torch's scaled_dot_product_attention takes a mask or is_causal, "
+                          "not both")
+    kwargs = {"enable_gqa": True} if p.gqa else {}
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    q, k, v, mask = t["q"], t["k"], t["v"], t.get("mask")
+    return no_grad(lambda: sdpa(q, k, v, attn_mask=mask, is_causal=p.causal, **kwargs))
+
+
+def _torch_mha(p: Problem, t: dict):
+    import torch
+
+    if p.gqa:
+        raise Unavailable("torch.nn.MultiheadAttention has no grouped-query attention")
+    E = p.heads * p.dim
+    dtype = getattr(torch, p.dtype)
+    layer = torch.nn.MultiheadAttention(E, p.heads, batch_first=True, dtype=dtype).eval()
+    x = t["x"]
+    mask = t.get("mask")
+    if mask is not None and mask.dtype == torch.bool:
+        mask = ~mask  # torch's layer: True = masked out
+    if p.causal and mask is None:
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(p.length, dtype=dtype)
+
+    def call():
+        with torch.inference_mode():
+            return layer(x, x, x, attn_mask=mask, need_weights=False, is_causal=p.causal)
+    return call
+
+
+def _cuda(p: Problem, a: dict):
+    if p.op == "mha":
+        raise Unavailable("the layer is benchmarked on the CPU only")
+    from numba import cuda
+
+    import fastattn
+
+    d = {name: cuda.to_device(arr) for name, arr in a.items()}  # outside the timed part
+
+    def synced(fn):
+        def call():
+            out = fn()
+            cuda.synchronize()
+            return out
+        return call
+
+    if p.op == "attention":
+        return synced(lambda: fastattn.scaled_dot_product_attention(
+            d["q"], d["k"], d["v"], d.get("mask"), is_causal=p.causal, enable_gqa=p.gqa,
+            backend="cuda"))
+    if p.op == "softmax":
+        if p.mask == "float":
+            raise Unavailable("fastattn.softmax takes bool masks only")
+        return synced(lambda: fastattn.softmax(d["x"], mask=d.get("mask"), backend="cuda"))
+    return synced(lambda: fastattn.similarity(d["a"], d["b"], "dot", backend="cuda"))
+
+
+_PREPARE = {
+    "numba": _fastattn("numba"),
+    "numpy": _fastattn("numpy"),
+    "formula": _formula,
+    "scipy": _scipy,
+    "torch": _torch,
+    "cuda": _cuda,
+}

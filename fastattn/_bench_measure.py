@@ -1,0 +1,354 @@
+"""How the benchmarks measure: time, extra memory, the machine's matrix-product peak, the header.
+
+Time: every implementation of a case is warmed up first (JIT compilation, thread pools), then
+the calls are interleaved (one call of each implementation per round) so that a change in the
+machine's load during the case hits them all alike; each figure is the median of its calls.
+
+Memory: the extra memory of one call is the growth of the process's peak resident set (VmHWM)
+during the call, less the output it returns, in a fresh worker process started with glibc told to
+map every allocation above 64 KiB afresh and to give freed memory back (MALLOC_MMAP_THRESHOLD_,
+MALLOC_TRIM_THRESHOLD_), so no call hides its memory in pages an earlier call left behind. The
+peak is reset before each call by writing 5 to /proc/self/clear_refs (Linux). This sees every
+allocation that the call touches: NumPy's, Numba's compiled code's, PyTorch's, BLAS buffers and
+thread stacks alike (tracemalloc sees only what goes through Python's allocators, which misses
+PyTorch's and BLAS's). Without /proc (macOS, Windows) memory is not measured.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from . import _bench_impls as impls
+
+MiB = 1024.0 * 1024.0
+
+
+# --- time --------------------------------------------------------------------------------------
+
+def time_interleaved(calls: dict, min_runs: int, min_time: float, max_runs: int,
+                     max_time: float = float("inf"), on_call=None) -> dict:
+    """Median seconds per call of each named callable, and the number of calls (or "skipped").
+
+    Each callable is called once to warm up (not counted; its time sets how many calls fit in
+    ``min_time``), then the callables take turns, so that a change in the machine's load hits
+    them all alike. A callable whose ``min_runs`` calls would take longer than ``max_time`` gets
+    fewer, but at least 3 (or ``min_runs`` if smaller). ``on_call(done, planned, name)`` is told
+    of each call (for a progress bar).
+    """
+    first, failed = {}, {}
+    for name, fn in list(calls.items()):
+        if on_call is not None:
+            on_call(0, 1, f"{name} warm-up")
+        start = time.perf_counter()
+        try:
+            fn()
+        except impls.Unavailable as exc:
+            failed[name] = {"skipped": str(exc)}
+            continue
+        except Exception as exc:  # an implementation that fails here is reported, not fatal
+            failed[name] = {"skipped": f"failed: {type(exc).__name__}: {exc}"}
+            continue
+        first[name] = time.perf_counter() - start
+    calls = {name: fn for name, fn in calls.items() if name in first}
+    runs = {}
+    for name, t in first.items():
+        n = int(min(max_runs, max(min_runs, np.ceil(min_time / max(t, 1e-9)))))
+        if n * t > max_time:
+            n = max(min(3, min_runs), int(max_time / t))
+        runs[name] = n
+    planned = sum(runs[name] * max(first[name], 1e-6) for name in calls)
+    done = 0.0
+    times = {name: [] for name in calls}
+    for r in range(max(runs.values(), default=0)):
+        for name, fn in calls.items():
+            if r < runs[name]:
+                if on_call is not None:
+                    on_call(done, planned, f"{name} {r + 1}/{runs[name]}")
+                start = time.perf_counter()
+                result = fn()
+                times[name].append(time.perf_counter() - start)
+                del result  # freeing the output is not part of the call's time
+                done += max(first[name], 1e-6)
+    results = {name: {"median_s": statistics.median(ts), "min_s": min(ts), "runs": len(ts),
+                      "first_call_s": first[name]}
+               for name, ts in times.items()}
+    results.update(failed)
+    return results
+
+
+def gemm_peak(dtype: str = "float32", n: int = 4096, runs: int = 5) -> dict:
+    """GFLOP/s of NumPy's matrix product (sgemm for float32, dgemm for float64), best of ``runs``.
+
+    It runs on the BLAS threads in force (set by the caller), in the same run as the benchmarks.
+    """
+    gemm_dtype = np.float64 if dtype == "float64" else np.float32
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((n, n), dtype=gemm_dtype)
+    b = rng.standard_normal((n, n), dtype=gemm_dtype)
+    out = np.empty((n, n), gemm_dtype)
+    np.matmul(a, b, out=out)  # warm-up
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        np.matmul(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    name = "dgemm" if gemm_dtype == np.float64 else "sgemm"
+    return {"name": name, "n": n, "runs": runs, "best_s": best, "gflops": 2.0 * n ** 3 / best / 1e9}
+
+
+# --- threads -----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def threads_limited(threads: int | None):
+    """Run Numba, NumPy/SciPy's BLAS and PyTorch on ``threads`` threads (None: their defaults)."""
+    if threads is None:
+        yield
+        return
+    import numba
+
+    if threads > numba.config.NUMBA_NUM_THREADS:
+        raise SystemExit(f"--threads {threads}: Numba was started with at most "
+                         f"{numba.config.NUMBA_NUM_THREADS} threads (set NUMBA_NUM_THREADS)")
+    before = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    torch = sys.modules.get("torch")
+    torch_before = torch.get_num_threads() if torch else None
+    if torch:
+        torch.set_num_threads(threads)
+    try:
+        try:
+            import threadpoolctl
+        except ImportError:
+            yield
+        else:
+            with threadpoolctl.threadpool_limits(threads, user_api="blas"):
+                yield
+    finally:
+        numba.set_num_threads(before)
+        if torch:
+            torch.set_num_threads(torch_before)
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
+    return int(match.group(1))
+
+
+def memory_supported() -> str | None:
+    """None when extra memory can be measured here, else why not."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _status_kib("VmHWM")
+    except (OSError, AttributeError):
+        return "needs Linux's /proc/self/clear_refs and VmHWM"
+    return None
+
+
+def _trim():
+    gc.collect()
+    with contextlib.suppress(Exception):
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def extra_memory_of_call(fn) -> tuple[int, float]:
+    """(bytes, seconds): the peak RSS growth of one call of ``fn`` less the result it returns."""
+    _trim()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak resident set becomes the current one
+    before = _status_kib("VmHWM")
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    peak = _status_kib("VmHWM")
+    extra = (peak - before) * 1024 - impls.nbytes(result)
+    del result
+    return extra, seconds
+
+
+def _worker_main():
+    """Entry point of the fresh memory worker: a JSON job on stdin, one JSON line per case out."""
+    job = json.loads(sys.stdin.read())
+    if any(case["impl"] == "torch" for case in job["cases"]):
+        with contextlib.suppress(ImportError):
+            import torch  # noqa: F401  (before threads_limited, so it sets torch's threads too)
+    warmed = set()
+    with threads_limited(job["threads"]):
+        for case in job["cases"]:
+            problem = impls.Problem(**case["problem"])
+            impl = case["impl"]
+            record = {"key": case["key"]}
+            try:
+                # Warm up on a small problem of the same kind: compiles, starts thread pools.
+                kind = (impl, problem.op, problem.causal, problem.mask, problem.gqa)
+                if kind not in warmed:
+                    small = problem.with_(length=min(problem.length, 256),
+                                          kv_length=min(problem.S, 256))
+                    impls.prepare(impl, small, impls.make_inputs(small))()
+                    warmed.add(kind)
+                arrays = impls.make_inputs(problem)
+                fn = impls.prepare(impl, problem, arrays)
+                extra, seconds = extra_memory_of_call(fn)
+                record.update(extra_bytes=extra, seconds=seconds)
+            except impls.Unavailable as exc:
+                record["skipped"] = str(exc)
+            except MemoryError:
+                record["skipped"] = "out of memory"
+            except Exception as exc:
+                record["skipped"] = f"failed: {type(exc).__name__}: {exc}"
+            print("RESULT " + json.dumps(record), flush=True)
+
+
+def measure_memory(cases: list[dict], threads: int | None, on_result=None) -> dict:
+    """Extra memory of one call for each case, measured in one fresh worker process.
+
+    ``cases``: dicts with "key", "impl" and "problem" (a :class:`Problem` as a dict of its
+    fields). Returns {key: record}; a record holds "extra_bytes" and "seconds", or "skipped".
+    """
+    reason = memory_supported()
+    if reason is not None:
+        return {c["key"]: {"skipped": reason} for c in cases}
+    env = dict(os.environ)
+    env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
+               MALLOC_TOP_PAD_="0")
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    job = json.dumps({"threads": threads, "cases": cases})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from fastattn._bench_measure import _worker_main; _worker_main()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    proc.stdin.write(job)
+    proc.stdin.close()
+    results = {}
+    for line in proc.stdout:
+        if line.startswith("RESULT "):
+            record = json.loads(line[len("RESULT "):])
+            results[record.pop("key")] = record
+            if on_result is not None:
+                on_result()
+    stderr = proc.stderr.read()
+    proc.wait()
+    for c in cases:
+        if c["key"] not in results:
+            tail = stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+            results[c["key"]] = {"skipped": f"the memory worker failed: {tail[0]}"}
+    return results
+
+
+# --- JIT ---------------------------------------------------------------------------------------
+
+_FIRST_CALL = """
+import json, time
+start = time.perf_counter()
+import numpy as np
+import fastattn
+imported = time.perf_counter()
+q = np.ones((1, 1, 256, 64), np.{dtype})
+fastattn.scaled_dot_product_attention(q, q, q, backend="numba")
+called = time.perf_counter()
+print("RESULT " + json.dumps({{"import_s": imported - start, "first_call_s": called - imported}}))
+"""
+
+
+def first_call_in_new_process(dtype: str = "float32", cold: bool = False) -> dict:
+    """Seconds to import fastattn and make its first attention call in a new Python process.
+
+    ``cold``: with an empty Numba cache (a temporary NUMBA_CACHE_DIR), so the kernels compile;
+    otherwise they load from the cache as a user's second run would (run once first, so the
+    cache is filled). Returns {"import_s", "first_call_s"} or {"skipped": why}.
+    """
+    import tempfile
+
+    env = dict(os.environ)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    code = _FIRST_CALL.format(dtype="float32" if dtype == "float16" else dtype)
+    with tempfile.TemporaryDirectory() as cache:
+        if cold:
+            env["NUMBA_CACHE_DIR"] = cache
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+    return {"skipped": f"failed: {tail[0]}"}
+
+
+# --- the machine -------------------------------------------------------------------------------
+
+def _cpu_model_and_flags() -> tuple[str, str]:
+    model, flags = platform.processor() or "unknown", ""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        m = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+        model = m.group(1).strip() if m else model
+        m = re.search(r"^flags\s*:\s*(.+)$", text, re.MULTILINE)
+        if m:
+            have = set(m.group(1).split())
+            simd = [f for f in ("avx2", "fma", "avx512f") if f in have]
+            flags = " ".join(simd) + ("" if "avx512f" in have else " (no avx512)")
+    return model, flags
+
+
+def _blas_pools() -> list[str]:
+    try:
+        import threadpoolctl
+    except ImportError:
+        return ["(install threadpoolctl to see which BLAS and kernel NumPy uses)"]
+    pools = []
+    for pool in threadpoolctl.threadpool_info():
+        if pool.get("user_api") != "blas":
+            continue
+        pools.append(f"{pool.get('internal_api')} {pool.get('version')} "
+                     f"({pool.get('architecture') or '?'} kernel, {pool.get('num_threads')} "
+                     f"threads) {os.path.basename(pool.get('filepath', ''))}")
+    return pools or ["none found by threadpoolctl"]
+
+
+def system_header(threads: int | None) -> dict:
+    """What makes figures comparable: CPU, threads, threading layer, BLAS and versions."""
+    from . import info
+
+    base = info.collect()
+    model, flags = _cpu_model_and_flags()
+    header = {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "cpu": model + (f" [{flags}]" if flags else ""),
+        "cores": os.cpu_count(),
+        "threads": base.get("numba threads"),
+        "numba threading layer": base.get("numba threading layer"),
+        "blas": _blas_pools(),
+        "blas threads in kernels": base.get("blas threads in kernels"),
+    }
+    for name in ("fastattn", "python", "numpy", "scipy", "numba", "llvmlite", "torch"):
+        header[name] = base.get(name)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        header["torch"] = f"{torch.__version__} ({torch.get_num_threads()} threads)"
+    header["gpu"] = base.get("gpu")
+    header["load average at the start"] = " ".join(f"{x:.2f}" for x in os.getloadavg()) \
+        if hasattr(os, "getloadavg") else "n/a"
+    slow = [v for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if v in os.environ]
+    if slow:
+        header["warning"] = (f"{' and '.join(slow)} set: NumPy's BLAS may run slower than it can; "
+                             f"unset them for this command")
+    for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        if var in os.environ:
+            header[var] = os.environ[var]
+    return header

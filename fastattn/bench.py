@@ -1,0 +1,479 @@
+"""``python -m fastattn bench``: fastattn against NumPy and PyTorch, timed in one run.
+
+Prints a header (CPU, threads, threading layer, BLAS, versions), this machine's matrix-product
+peak measured in the same run, then for each case and implementation the median time, GFLOP/s,
+the share of that peak, the extra memory of one call and the speed ratios against NumPy and
+PyTorch; then how time and memory grow with the sequence length L (fitted exponents).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+from . import _bench_impls as impls
+from . import _bench_measure as measure
+from . import _bench_report as report
+from ._bench_impls import Problem
+
+DEFAULT_LENGTHS = (1024, 4096, 8192)
+QUICK_LENGTHS = (1024, 2048)
+MEMORY_CHECK = Problem(op="attention", batch=1, heads=1, length=32768, dim=64)
+MEMORY_LIMIT_MIB = 64
+
+EPILOG = f"""\
+implementations:
+  numba    fastattn's fused CPU kernels (backend="numba")
+  numpy    fastattn's NumPy reference (backend="numpy")
+  formula  the plain NumPy formula softmax(q @ k.T * scale) @ v, written in place
+  torch    torch.nn.functional.scaled_dot_product_attention (PyTorch's CPU flash kernel)
+  cuda     fastattn on the GPU, inputs already there (only when a CUDA GPU is usable)
+  Ratios "x numpy", "x formula", "x torch" are that implementation's time over this one's:
+  above 1 means this one is faster.
+
+measures:
+  GFLOP/s counts 4*B*H*L*S*D per attention call (half that when causal); the peak is NumPy's
+  matrix product (sgemm for float32) on the same threads in the same run. Extra memory is the
+  growth of the peak resident set during one call, less its output, measured in a fresh
+  process (Linux only); it grows at most like L for fused kernels, like L^2 for the formula.
+
+before you run it:
+  Unset OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE for this command only (they slow NumPy's BLAS
+  when set), e.g.  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m fastattn bench
+  Stop other work on the machine if you can. Figures are only comparable within one run: the
+  implementations take turns call by call, so a change in load hits them all alike, but
+  another run on another day (or another machine) sees other load, clocks and BLAS.
+
+examples:
+  python -m fastattn bench --quick           # under a minute on 2 idle cores
+  python -m fastattn bench                   # float32, B=1, H=8, D=64, L=S=1024,4096,8192
+  python -m fastattn bench --memory-check    # one call at H=1, L=S=32768: < {MEMORY_LIMIT_MIB} MiB extra?
+  python -m fastattn bench --lengths 512,2048 --causal --threads 1 --impls numba,torch
+  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m fastattn bench --full \\
+      --json bench/results.json --plot bench/results.png --markdown bench/RESULTS.md
+                  # what bench/RESULTS.md shows: --markdown replaces the text between its
+                  # "fastattn bench: begin/end" markers and leaves the rest of the file alone
+  python -m fastattn bench --from-json bench/results.json --markdown report.md   # re-report
+"""
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1024,4096, got {text!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _name_list(choices):
+    def parse(text: str) -> list[str]:
+        names = [x for x in text.replace(",", " ").split() if x]
+        bad = [n for n in names if n not in choices]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(
+                f"choose from {', '.join(choices)}; got {text!r}")
+        return names
+    return parse
+
+
+def parse_args(argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastattn bench",
+        description="fastattn against NumPy and PyTorch, timed in one run, with this machine's\n"
+                    "own matrix-product peak and the extra memory of each call.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = parser.add_argument_group("what to run")
+    what.add_argument("--quick", action="store_true",
+                      help=f"a short run: L={','.join(map(str, QUICK_LENGTHS))}, fewer calls")
+    what.add_argument("--full", action="store_true",
+                      help="everything bench/RESULTS.md shows: the default cases, plus a float "
+                           "mask, GQA, the multi-head layer and --memory-check")
+    what.add_argument("--memory-check", action="store_true",
+                      help=f"only the memory check: one call at B=1, H=1, L=S=32768, D=64 "
+                           f"float32 must need < {MEMORY_LIMIT_MIB} MiB beyond inputs and output "
+                           f"(exit status 1 if not, 2 if it cannot be measured here)")
+    what.add_argument("--lengths", type=_int_list, metavar="L,...",
+                      help=f"sequence lengths L=S (default {','.join(map(str, DEFAULT_LENGTHS))})")
+    causal = what.add_mutually_exclusive_group()
+    causal.add_argument("--causal", action="store_true", help="causal attention only")
+    causal.add_argument("--no-causal", action="store_true", help="non-causal attention only")
+    what.add_argument("--dtype", choices=impls.DTYPES, default="float32",
+                      help="(default float32; float16 is computed in float32)")
+    what.add_argument("--batch", type=int, default=1, metavar="B", help="(default 1)")
+    what.add_argument("--heads", type=int, default=8, metavar="H", help="query heads (default 8)")
+    what.add_argument("--kv-heads", type=int, metavar="HKV",
+                      help="key/value heads: fewer than --heads is grouped-query attention")
+    what.add_argument("--dim", type=int, default=64, metavar="D", help="head size (default 64)")
+    what.add_argument("--mask", choices=("none", "float", "bool"), default="none",
+                      help="an (L, S) mask broadcast over batch and heads (default none)")
+    what.add_argument("--impls", type=_name_list(impls.IMPLS["attention"]), metavar="NAME,...",
+                      default=list(impls.IMPLS["attention"]),
+                      help="implementations to compare (default: all usable here)")
+    how = parser.add_argument_group("how")
+    how.add_argument("--threads", type=int, metavar="N",
+                     help="threads for Numba, NumPy's BLAS and PyTorch (default: all cores)")
+    how.add_argument("--min-runs", type=int, metavar="N",
+                     help="timed calls per implementation at least (default 5; 3 with --quick)")
+    how.add_argument("--min-time", type=float, metavar="S",
+                     help="seconds of timed calls per implementation at least, if --min-runs "
+                          "are quicker (default 2; 0.3 with --quick)")
+    how.add_argument("--max-time", type=float, metavar="S",
+                     help="seconds of timed calls per implementation at most, as long as it "
+                          "gets 3 calls (default 30; 5 with --quick): the NumPy reference "
+                          "takes seconds per call at L=8192")
+    how.add_argument("--jit", action="store_true",
+                     help="also time the cold compile: the first call in a new process with an "
+                          "empty Numba cache (in --full)")
+    how.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", metavar="FILE", help="write every figure as JSON")
+    out.add_argument("--plot", metavar="FILE.png",
+                     help="GFLOP/s and memory against L, log-log (needs matplotlib)")
+    out.add_argument("--markdown", metavar="FILE",
+                     help="write the report as Markdown; if FILE holds the markers "
+                          f"{report.BEGIN} and {report.END}, only the text between them")
+    out.add_argument("--note", metavar="TEXT",
+                     help="a remark printed with the report, e.g. how busy the machine was")
+    out.add_argument("--from-json", metavar="FILE",
+                     help="run nothing: report a run saved with --json (text, --plot, --markdown)")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    args = parser.parse_args(argv)
+    if args.quick and args.full:
+        parser.error("--quick and --full exclude each other")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--plot needs matplotlib, which is not installed: "
+                     "pip install 'fastattn[bench]' (or pip install matplotlib)")
+    kv_heads = args.heads if args.kv_heads is None else args.kv_heads
+    if args.heads < 1 or kv_heads < 1 or args.heads % kv_heads:
+        parser.error(f"--heads ({args.heads}) must be a positive multiple of --kv-heads "
+                     f"({kv_heads})")
+    if args.threads is not None:
+        import numba
+
+        if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
+            parser.error(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS} "
+                         f"(Numba's thread pool here; set NUMBA_NUM_THREADS for more)")
+    if args.lengths is None:
+        args.lengths = list(QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)
+    if args.min_runs is None:
+        args.min_runs = 3 if args.quick else 5
+    if args.min_time is None:
+        args.min_time = 0.3 if args.quick else 2.0
+    if args.max_time is None:
+        args.max_time = 5.0 if args.quick else 30.0
+    return args
+
+
+# --- the cases ---------------------------------------------------------------------------------
+
+@dataclass
+class Group:
+    """Cases shown together; ``sweep``: the cases differ in L, so fit exponents over them."""
+    name: str
+    problems: list
+    sweep: bool = False
+    impls: tuple = ()
+    note: str = ""
+
+
+def build_groups(args) -> list[Group]:
+    causal_modes = [True] if args.causal else [False] if args.no_causal else [False, True]
+    mask = None if args.mask == "none" else args.mask
+    base = Problem(batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, dim=args.dim,
+                   dtype=args.dtype, mask=mask)
+    chosen = tuple(args.impls)
+    if args.memory_check:
+        return []
+    groups = [Group("attention", [base.with_(length=L, causal=c)
+                                  for c in causal_modes for L in sorted(args.lengths)],
+                    sweep=len(args.lengths) > 1, impls=chosen)]
+    if args.full:
+        short = [L for L in sorted(args.lengths) if L <= 4096] or sorted(args.lengths)[:1]
+        groups.append(Group("float mask", [base.with_(length=L, mask="float") for L in short],
+                            sweep=len(short) > 1, impls=chosen))
+        gqa = base.with_(kv_heads=max(1, base.heads // 4), causal=True)
+        groups.append(Group("grouped-query attention",
+                            [gqa.with_(length=L) for L in short], sweep=len(short) > 1,
+                            impls=chosen))
+        mha = Problem(op="mha", batch=8, heads=8, length=512, dim=64, dtype=args.dtype)
+        import fastattn
+        note = "" if hasattr(fastattn, "MultiHeadAttention") else \
+            "fastattn.MultiHeadAttention is not in this version: only PyTorch's layer is timed"
+        groups.append(Group("multi-head layer", [mha],
+                            impls=tuple(i for i in chosen if i in impls.IMPLS["mha"]),
+                            note=note))
+    return groups
+
+
+# --- progress ----------------------------------------------------------------------------------
+
+class Progress:
+    """A plain-text progress bar on stderr (one line per step when stderr is not a terminal)."""
+
+    def __init__(self, total: float, enabled: bool = True, stream=None):
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = enabled
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.total = max(total, 1e-9)
+        self.done = 0.0
+        self.start = time.perf_counter()
+        self.step_label = ""
+        self.drawn = 0.0
+
+    def step(self, label: str):
+        """A new step (one unit of work) begins."""
+        self.step_label = label
+        if self.enabled and not self.tty:
+            print(f"[{self._elapsed()}] {label}", file=self.stream, flush=True)
+        self.show(0.0, "")
+
+    def show(self, fraction: float, detail: str):
+        """Within the current step, ``fraction`` of it is done; ``detail`` says what runs."""
+        now = time.perf_counter()
+        if not self.tty or (detail and now - self.drawn < 0.1):  # at most 10 redraws a second
+            return
+        self.drawn = now
+        width = shutil.get_terminal_size((100, 20)).columns - 1
+        share = min(1.0, (self.done + min(max(fraction, 0.0), 1.0)) / self.total)
+        bar = "#" * int(round(share * 24))
+        text = f"[{bar:<24}] {share * 100:3.0f}% {self._elapsed()}  {self.step_label}"
+        if detail:
+            text += f": {detail}"
+        self.stream.write("\r" + text[:width].ljust(width))
+        self.stream.flush()
+
+    def advance(self):
+        self.done += 1
+
+    def close(self):
+        if self.tty:
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            self.stream.write("\r" + " " * width + "\r")
+            self.stream.flush()
+        elif self.enabled:
+            print(f"[{self._elapsed()}] done", file=self.stream, flush=True)
+
+    def _elapsed(self) -> str:
+        seconds = int(time.perf_counter() - self.start)
+        return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+# --- running -----------------------------------------------------------------------------------
+
+def _usable(names) -> tuple[list, dict]:
+    usable, skipped = [], {}
+    for name in names:
+        reason = impls.available(name)
+        if reason is None:
+            usable.append(name)
+        else:
+            skipped[name] = reason
+    return usable, skipped
+
+
+def _jit_times(args, cold: bool) -> dict:
+    """fastattn's import and first call in a new process (kernels cached), and with --jit the
+    same with an empty cache (the cold compile)."""
+    if impls.available("numba") is not None:
+        return {}
+    small = Problem(heads=1, length=256, dtype=args.dtype)
+    impls.prepare("numba", small, impls.make_inputs(small))()  # fills the cache if empty
+    out = {}
+    cases = [("cached", False)] + ([("cold", True)] if cold else [])
+    for name, is_cold in cases:
+        t = measure.first_call_in_new_process(args.dtype, cold=is_cold)
+        if "skipped" in t:
+            out[f"fastattn first call ({name})"] = t["skipped"]
+        elif is_cold:
+            out["fastattn cold compile"] = (f"{t['first_call_s']:.2f} s: the first call in a new "
+                                            f"process with an empty Numba cache")
+        else:
+            out["fastattn first call"] = (f"{t['first_call_s']:.2f} s in a new process, kernels "
+                                          f"cached (import {t['import_s']:.2f} s)")
+    return out
+
+
+def run(args) -> dict:
+    """Run the benchmark the options describe; every figure in one dict (what --json writes)."""
+    groups = build_groups(args)
+    wanted = sorted({i for g in groups for i in g.impls} | ({"numba"} if args.memory_check or
+                                                             args.full else set()))
+    if "torch" in wanted and impls.available("torch") is None:
+        import torch  # noqa: F401  (imported before the threads are set, so they apply to it)
+    memory_reason = None if not args.no_memory else "--no-memory"
+    memory_reason = memory_reason or measure.memory_supported()
+    check = args.memory_check or args.full
+    n_cases = sum(len(g.problems) for g in groups)
+    total = 3 + n_cases + (1 if memory_reason is None and n_cases else 0) + (1 if check else 0)
+    progress = Progress(total, enabled=not args.no_progress)
+    started = time.perf_counter()
+    results = {"command": "python -m fastattn bench " + shlex.join(args.argv),
+               "options": {k: v for k, v in vars(args).items() if k != "argv"}}
+    try:
+        with measure.threads_limited(args.threads):
+            progress.step("the machine")
+            header = measure.system_header(args.threads)
+            progress.show(0.5, "JIT: fastattn's first call in a new process")
+            header.update(_jit_times(args, cold=args.jit or args.full))
+            results["header"] = header
+            progress.advance()
+            gemm = {"n": 2048 if args.quick else 4096, "runs": 3 if args.quick else 5}
+            if groups:
+                progress.step("matrix-product peak")
+                start_peak = measure.gemm_peak(args.dtype, **gemm)
+            progress.advance()
+            results["groups"] = [_run_group(g, args, progress) for g in groups]
+            if groups:
+                # Measured again at the end: the best of the two is the peak (other load on
+                # the machine can only slow a measurement down).
+                progress.step("matrix-product peak, again")
+                end_peak = measure.gemm_peak(args.dtype, **gemm)
+                results["gemm"] = dict(start_peak, gflops=max(start_peak["gflops"],
+                                                              end_peak["gflops"]),
+                                       start_gflops=start_peak["gflops"],
+                                       end_gflops=end_peak["gflops"])
+                progress.advance()
+            if n_cases:
+                _add_memory(results["groups"], args, memory_reason, progress)
+            if check:
+                progress.step("memory check at L=S=32768")
+                results["memory_check"] = memory_check(args)
+                progress.advance()
+    finally:
+        progress.close()
+    for group in results["groups"]:
+        report.add_ratios(group, results["gemm"]["gflops"])
+        group["scaling"] = report.fit_scaling(group) if group["sweep"] else []
+    results["headline"] = report.headline(results["groups"])
+    if hasattr(os, "getloadavg"):
+        results["header"]["load average at the end"] = " ".join(
+            f"{x:.2f}" for x in os.getloadavg())
+    results["header"]["this run took"] = f"{time.perf_counter() - started:.0f} s"
+    if args.note:
+        results["note"] = args.note
+    return results
+
+
+def _run_group(group: Group, args, progress: Progress) -> dict:
+    usable, unavailable = _usable(group.impls)
+    out = {"name": group.name, "sweep": group.sweep, "note": group.note, "impls": usable,
+           "unavailable": unavailable, "cases": []}
+    for problem in group.problems:
+        progress.step(problem.label())
+        arrays = impls.make_inputs(problem)
+        calls, case_skipped = {}, {}
+        for name in usable:
+            try:
+                calls[name] = impls.prepare(name, problem, arrays)
+            except impls.Unavailable as exc:
+                case_skipped[name] = str(exc)
+        timings = measure.time_interleaved(
+            calls, args.min_runs, args.min_time, max_runs=max(args.min_runs, 200),
+            max_time=args.max_time,
+            on_call=lambda done, planned, what: progress.show(done / planned, what))
+        records = []
+        for name in usable:
+            record = {"impl": name}
+            timing = timings.get(name, {"skipped": case_skipped.get(name, "not run")})
+            if "skipped" in timing:
+                record["skipped"] = timing["skipped"]
+            else:
+                seconds = timing["median_s"]
+                flops = problem.flops()
+                record.update(median_ms=seconds * 1e3, min_ms=timing["min_s"] * 1e3,
+                              runs=timing["runs"], first_call_ms=timing["first_call_s"] * 1e3)
+                if flops:
+                    record["gflops"] = flops / seconds / 1e9
+            records.append(record)
+        out["cases"].append({"problem": problem.as_dict(), "results": records})
+        del arrays, calls
+        progress.advance()
+    return out
+
+
+def _add_memory(groups: list, args, reason, progress: Progress):
+    jobs = []
+    for gi, group in enumerate(groups):
+        for ci, case in enumerate(group["cases"]):
+            problem = {k: case["problem"][k] for k in Problem.__dataclass_fields__}
+            for record in case["results"]:
+                if "skipped" not in record and record["impl"] != "cuda":
+                    jobs.append({"key": f"{gi}/{ci}/{record['impl']}", "impl": record["impl"],
+                                 "problem": problem})
+    if reason is not None:
+        for group in groups:
+            group["memory_skipped"] = reason
+        return
+    progress.step(f"extra memory of one call ({len(jobs)} calls in a fresh process)")
+    done = [0]
+
+    def one_more():
+        done[0] += 1
+        progress.show(done[0] / max(len(jobs), 1), f"{done[0]}/{len(jobs)}")
+
+    memory = measure.measure_memory(jobs, args.threads, on_result=one_more)
+    for key, value in memory.items():
+        gi, ci, impl = key.split("/")
+        case = groups[int(gi)]["cases"][int(ci)]
+        record = next(r for r in case["results"] if r["impl"] == impl)
+        if "extra_bytes" in value:
+            record["extra_mib"] = value["extra_bytes"] / measure.MiB
+        else:
+            record["memory_skipped"] = value["skipped"]
+    progress.advance()
+
+
+def memory_check(args) -> dict:
+    """One call at B=1, H=1, L=S=32768, D=64 float32: extra memory against the limit."""
+    problem = MEMORY_CHECK
+    names = [n for n in ("numba", "torch") if impls.available(n) is None]
+    jobs = [{"key": n, "impl": n, "problem": {k: getattr(problem, k)
+                                              for k in Problem.__dataclass_fields__}}
+            for n in names]
+    memory = measure.measure_memory(jobs, args.threads)
+    numba = memory.get("numba", {"skipped": impls.available("numba") or "not run"})
+    result = {"problem": problem.as_dict(), "limit_mib": MEMORY_LIMIT_MIB,
+              "score_matrix_mib": problem.length * problem.S * 4 / measure.MiB,
+              "results": {name: ({"extra_mib": rec["extra_bytes"] / measure.MiB,
+                                  "seconds": rec["seconds"]} if "extra_bytes" in rec else rec)
+                          for name, rec in memory.items()}}
+    # None: could not be measured here (no /proc, no numba): neither passed nor failed.
+    result["passed"] = (numba["extra_bytes"] < MEMORY_LIMIT_MIB * measure.MiB
+                        if "extra_bytes" in numba else None)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    args.argv = argv
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = json.load(f)
+        if args.note:
+            results["note"] = args.note
+    else:
+        results = run(args)
+    print(report.render_text(results))
+    if args.json and not args.from_json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        print(f"\nwrote {args.json}")
+    if args.plot and report.plot(results, args.plot):
+        print(f"wrote {args.plot}")
+    if args.markdown:
+        report.write_markdown(args.markdown, report.render_markdown(
+            results, plot_path=args.plot, markdown_path=args.markdown))
+        print(f"wrote {args.markdown}")
+    check = results.get("memory_check")
+    if check and check["passed"] is not None:
+        return 0 if check["passed"] else 1
+    return 2 if check else 0
