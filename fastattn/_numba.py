@@ -12,6 +12,7 @@ from ._prepare import AttentionProblem, Mask
 # larger query blocks amortise BLAS packing; key blocks of 256 keep the scores block in L2.
 BLOCK_Q = 128
 BLOCK_K = 256
+SOFTMAX_ROWS = 16
 
 # One kernel call at a time: each already uses every core, and the BLAS thread count we set
 # around it is process-wide state.
@@ -31,9 +32,21 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return view
 
 
+_NO_ROWS = np.zeros(1, np.int64)
+_NO_KEEP = np.zeros(1, np.uint8)
+
+
 def _mask_args(mask: Mask | None, dtype):
-    m = Mask.empty(dtype) if mask is None else mask
-    return _readonly(m.values), _readonly(m.row_offset), m.col_stride, mask is not None
+    """(mask_add, mask_keep, mask_row_offset, mask_col_stride, mask_kind) for the kernels; the
+    array a kind does not use is a one-element stand-in, so each dtype compiles once."""
+    no_add = np.zeros(1, dtype)
+    if mask is None:
+        return _readonly(no_add), _readonly(_NO_KEEP), _readonly(_NO_ROWS), 0, 0
+    if mask.is_bool:
+        return (_readonly(no_add), _readonly(mask.values), _readonly(mask.row_offset),
+                mask.col_stride, 1)
+    return (_readonly(mask.values), _readonly(_NO_KEEP), _readonly(mask.row_offset),
+            mask.col_stride, 2)
 
 
 def attention(p: AttentionProblem, want_lse: bool):
@@ -65,7 +78,7 @@ def softmax(rows: np.ndarray, mask: Mask | None):
     if out.size:
         cpu = _kernels()
         with _lock:
-            cpu.softmax(_readonly(rows), *_mask_args(mask, rows.dtype), out)
+            cpu.softmax(_readonly(rows), *_mask_args(mask, rows.dtype), SOFTMAX_ROWS, out)
     return out
 
 

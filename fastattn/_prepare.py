@@ -1,8 +1,8 @@
 """Host-side checks and preparation shared by every backend.
 
 The public functions call these to turn user input into a small, uniform problem: C-contiguous
-arrays in the compute dtype with the leading dims flattened, and masks turned into an additive
-float array that kernels read in place through per-row offsets (never expanded to (..., L, S)).
+arrays in the compute dtype with the leading dims flattened, and masks described for kernels to
+read in place through per-row offsets (never expanded to (..., L, S)).
 """
 from __future__ import annotations
 
@@ -89,15 +89,20 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Mask:
-    """An additive mask read in place: row r of the flattened (rows, cols) problem starts at
-    ``values[row_offset[r]]`` and steps by ``col_stride`` (0 where the mask broadcasts)."""
-    values: np.ndarray      # 1-d, compute dtype: 0 keep, -inf drop, or the user's float values
+    """A mask read in place: row r of the flattened (rows, cols) problem starts at element
+    ``row_offset[r]`` of ``values`` and steps by ``col_stride`` (0 where the mask broadcasts).
+
+    ``values`` is the user's mask itself unless it had to be made contiguous or, for a float
+    mask, converted to the compute dtype: a bool mask is read as bytes (non-zero = takes part),
+    a float mask is added to the scores.
+    """
+    values: np.ndarray      # 1-d: uint8 for a bool mask, the compute dtype for a float mask
     row_offset: np.ndarray  # int64 (rows,)
     col_stride: int
 
-    @staticmethod
-    def empty(dtype) -> "Mask":
-        return Mask(np.zeros(1, dtype), np.zeros(1, np.int64), 0)
+    @property
+    def is_bool(self) -> bool:
+        return self.values.dtype == np.uint8
 
 
 def check_mask(mask, name: str, target_shape: tuple, target_desc: str) -> np.ndarray:
@@ -120,17 +125,15 @@ def check_mask(mask, name: str, target_shape: tuple, target_desc: str) -> np.nda
     return mask
 
 
-def additive_mask(mask: np.ndarray, target_shape: tuple, dtype, axis: int = -1) -> Mask:
-    """Turn a checked mask into a :class:`Mask` over the rows of ``target_shape``, the rows
-    running along ``axis`` (moved last, as the data is).
-
-    Only the user's own (unbroadcast) mask is converted, so the memory stays that of the mask.
+def mask_in_place(mask: np.ndarray, target_shape: tuple, dtype, axis: int = -1) -> Mask:
+    """Describe a checked mask as a :class:`Mask` over the rows of ``target_shape``, the rows
+    running along ``axis`` (moved last, as the data is). Never expanded to ``target_shape``;
+    copied only when it is not contiguous (or a float mask is not in the compute dtype).
     """
     if mask.dtype == np.bool_:
-        values = np.where(mask, dtype.type(0), dtype.type(-np.inf))
+        values = np.ascontiguousarray(mask).view(np.uint8)
     else:
-        values = mask.astype(dtype)
-    values = np.ascontiguousarray(values)
+        values = np.ascontiguousarray(mask, dtype=dtype)
     view = np.moveaxis(np.broadcast_to(values, target_shape), axis, -1)
     item = values.itemsize
     row_shape = view.shape[:-1]
@@ -264,7 +267,7 @@ def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa
     a = check_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa, similarity,
                         need_value=need_value)
     dtype = a.dtype
-    mask = None if a.mask is None else additive_mask(a.mask, a.weights_shape, dtype)
+    mask = None if a.mask is None else mask_in_place(a.mask, a.weights_shape, dtype)
     N, L, E, S, Ev, group = a.N, a.L, a.E, a.S, a.Ev, a.group
     q = contiguous(a.query, dtype).reshape(N, L, E)
     k = contiguous(a.key, dtype).reshape(N // group, S, E)
@@ -299,7 +302,7 @@ def prepare_softmax(x, axis, mask):
         np.zeros((int(np.prod(moved.shape[:-1])), x.shape[axis]), dtype)
     prepared_mask = None
     if checked is not None:
-        prepared_mask = additive_mask(checked, x.shape, dtype, axis)
+        prepared_mask = mask_in_place(checked, x.shape, dtype, axis)
     return rows, prepared_mask, moved.shape, axis, dtype
 
 

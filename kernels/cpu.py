@@ -2,8 +2,10 @@
 
 All kernels take prepared input (see ``fastattn._prepare``): C-contiguous arrays in the compute
 dtype with the leading dims flattened, query head ``n`` using key/value head ``n // group``, and an
-optional additive mask read in place: score row ``r`` adds ``mask_values[mask_row_offset[r] +
-j * mask_col_stride]`` to key ``j``. Outputs are written into arrays the caller allocates.
+optional mask read in place: for score row ``r`` and key ``j`` the mask element is
+``mask_row_offset[r] + j * mask_col_stride`` of ``mask_keep`` (``mask_kind`` 1: a bool mask as bytes,
+0 drops the key) or of ``mask_add`` (``mask_kind`` 2: a float mask, added to the score);
+``mask_kind`` 0 is no mask. Outputs are written into arrays the caller allocates.
 
 The block products go through ``np.dot`` (SciPy's BLAS). The caller must keep that BLAS
 single-threaded while a kernel runs: these kernels already use every core through ``prange``.
@@ -19,17 +21,33 @@ from ._jit import exp, jit, maxnum, parallel_jit
 # --- shared row steps --------------------------------------------------------------------------
 
 @jit
-def add_mask_and_causal(scores, row0, col0, rows_total, mask_values, mask_row_offset,
-                        mask_col_stride, has_mask, causal):
-    """Add the mask to a block of scores whose first row/col are ``row0``/``col0`` of the
-    (rows_total, S) score plane of head ``row0 // rows_total``; set keys after the query
-    (causal, top-left) to -inf."""
+def apply_mask(scores, row0, col0, mask_add, mask_keep, mask_row_offset, mask_col_stride,
+               mask_kind):
+    """Apply the mask to a block of scores whose first row/col are ``row0``/``col0`` of the
+    flattened (rows, cols) problem."""
     bq, bk = scores.shape
-    if has_mask:
+    if mask_kind == 1:
         for i in range(bq):
             base = mask_row_offset[row0 + i] + col0 * mask_col_stride
             for j in range(bk):
-                scores[i, j] += mask_values[base + j * mask_col_stride]
+                if mask_keep[base + j * mask_col_stride] == 0:
+                    scores[i, j] = -np.inf
+    elif mask_kind == 2:
+        for i in range(bq):
+            base = mask_row_offset[row0 + i] + col0 * mask_col_stride
+            for j in range(bk):
+                scores[i, j] += mask_add[base + j * mask_col_stride]
+
+
+@jit
+def add_mask_and_causal(scores, row0, col0, rows_total, mask_add, mask_keep, mask_row_offset,
+                        mask_col_stride, mask_kind, causal):
+    """Apply the mask to a block of scores whose first row/col are ``row0``/``col0`` of the
+    (rows_total, S) score plane of head ``row0 // rows_total``; set keys after the query
+    (causal, top-left) to -inf."""
+    bq, bk = scores.shape
+    apply_mask(scores, row0, col0, mask_add, mask_keep, mask_row_offset, mask_col_stride,
+               mask_kind)
     if causal:
         first_row = row0 % rows_total
         for i in range(bq):
@@ -65,18 +83,19 @@ def softmax_row_inplace(row):
 # --- softmax -----------------------------------------------------------------------------------
 
 @parallel_jit
-def softmax(x, mask_values, mask_row_offset, mask_col_stride, has_mask, out):
+def softmax(x, mask_add, mask_keep, mask_row_offset, mask_col_stride, mask_kind, block_rows,
+            out):
     """Row-wise softmax of ``x`` (rows, cols) into ``out``."""
     rows, cols = x.shape
-    for r in prange(rows):
-        row = out[r]
-        for j in range(cols):
-            row[j] = x[r, j]
-        if has_mask:
-            base = mask_row_offset[r]
-            for j in range(cols):
-                row[j] += mask_values[base + j * mask_col_stride]
-        softmax_row_inplace(row)
+    n_blocks = (rows + block_rows - 1) // block_rows
+    for b in prange(n_blocks):
+        r0 = b * block_rows
+        r1 = min(r0 + block_rows, rows)
+        block = out[r0:r1]
+        block[:] = x[r0:r1]
+        apply_mask(block, r0, 0, mask_add, mask_keep, mask_row_offset, mask_col_stride, mask_kind)
+        for i in range(r1 - r0):
+            softmax_row_inplace(block[i])
 
 
 # --- similarity --------------------------------------------------------------------------------
@@ -99,8 +118,8 @@ def similarity(a, b, scale, block_rows, out):
 # --- attention weights (the full L x S matrix, for inspection) --------------------------------
 
 @parallel_jit
-def attention_weights(q, k, group, scale, causal, mask_values, mask_row_offset, mask_col_stride,
-                      has_mask, block_q, out):
+def attention_weights(q, k, group, scale, causal, mask_add, mask_keep, mask_row_offset,
+                      mask_col_stride, mask_kind, block_q, out):
     """softmax(scale * q k^T + mask) into out (N, L, S)."""
     N, L, _ = q.shape
     n_qblocks = (L + block_q - 1) // block_q
@@ -110,8 +129,8 @@ def attention_weights(q, k, group, scale, causal, mask_values, mask_row_offset, 
         q1 = min(q0 + block_q, L)
         scores = out[n, q0:q1]
         np.dot(q[n, q0:q1] * scale, k[n // group].T, scores)
-        add_mask_and_causal(scores, n * L + q0, 0, L, mask_values, mask_row_offset,
-                            mask_col_stride, has_mask, causal)
+        add_mask_and_causal(scores, n * L + q0, 0, L, mask_add, mask_keep, mask_row_offset,
+                            mask_col_stride, mask_kind, causal)
         for i in range(q1 - q0):
             softmax_row_inplace(scores[i])
 
@@ -147,8 +166,8 @@ def online_softmax_step(scores, row_max, row_sum, acc):
 
 
 @parallel_jit
-def attention(q, k, v, group, scale, causal, mask_values, mask_row_offset, mask_col_stride,
-              has_mask, block_q, block_k, out, lse):
+def attention(q, k, v, group, scale, causal, mask_add, mask_keep, mask_row_offset, mask_col_stride,
+              mask_kind, block_q, block_k, out, lse):
     """Flash-style attention: out (N, L, Ev) and lse (N, L), never storing the L x S scores.
 
     Each work item is one block of queries of one head; it walks the key/value blocks once,
@@ -177,8 +196,8 @@ def attention(q, k, v, group, scale, causal, mask_values, mask_row_offset, mask_
             k1 = min(k0 + block_k, k_end)
             scores = scores_buffer[:bq * (k1 - k0)].reshape((bq, k1 - k0))
             np.dot(q_block, k[kv, k0:k1].T, scores)
-            add_mask_and_causal(scores, n * L + q0, k0, L, mask_values, mask_row_offset,
-                                mask_col_stride, has_mask, causal and k1 - 1 > q0)
+            add_mask_and_causal(scores, n * L + q0, k0, L, mask_add, mask_keep, mask_row_offset,
+                                mask_col_stride, mask_kind, causal and k1 - 1 > q0)
             online_softmax_step(scores, row_max, row_sum, acc)
             np.dot(scores, v[kv, k0:k1], weighted_values)
             acc += weighted_values
