@@ -35,13 +35,18 @@ MiB = 1024.0 * 1024.0
 
 # --- time --------------------------------------------------------------------------------------
 
+SETTLE_S = 0.15
+
+
 def time_interleaved(calls: dict, min_runs: int, min_time: float, max_runs: int,
                      max_time: float = float("inf"), on_call=None) -> dict:
     """Median seconds per call of each named callable, and the number of calls (or "skipped").
 
     Each callable is called once to warm up (not counted; its time sets how many calls fit in
     ``min_time``), then the callables take turns, so that a change in the machine's load hits
-    them all alike. A callable whose ``min_runs`` calls would take longer than ``max_time`` gets
+    them all alike. Before each timed call the threads of the previous one are given
+    ``SETTLE_S`` to go idle: OpenBLAS's threads spin for about 0.1 s after a call, and would
+    otherwise steal the cores from whichever implementation is timed next. A callable whose ``min_runs`` calls would take longer than ``max_time`` gets
     fewer, but at least 3 (or ``min_runs`` if smaller). ``on_call(done, planned, name)`` is told
     of each call (for a progress bar).
     """
@@ -74,6 +79,7 @@ def time_interleaved(calls: dict, min_runs: int, min_time: float, max_runs: int,
             if r < runs[name]:
                 if on_call is not None:
                     on_call(done, planned, f"{name} {r + 1}/{runs[name]}")
+                time.sleep(SETTLE_S)
                 start = time.perf_counter()
                 result = fn()
                 times[name].append(time.perf_counter() - start)
