@@ -26,17 +26,26 @@ def apply_mask(scores, row0, col0, mask_add, mask_keep, mask_row_offset, mask_co
     """Apply the mask to a block of scores whose first row/col are ``row0``/``col0`` of the
     flattened (rows, cols) problem."""
     bq, bk = scores.shape
-    if mask_kind == 1:
-        for i in range(bq):
-            base = mask_row_offset[row0 + i] + col0 * mask_col_stride
-            for j in range(bk):
-                if mask_keep[base + j * mask_col_stride] == 0:
-                    scores[i, j] = -np.inf
-    elif mask_kind == 2:
-        for i in range(bq):
-            base = mask_row_offset[row0 + i] + col0 * mask_col_stride
-            for j in range(bk):
-                scores[i, j] += mask_add[base + j * mask_col_stride]
+    if mask_kind == 0:
+        return
+    for i in range(bq):
+        base = mask_row_offset[row0 + i] + col0 * mask_col_stride
+        if mask_col_stride == 1:  # a row of the mask itself: contiguous, so the loops vectorise
+            if mask_kind == 1:
+                for j in range(bk):
+                    if mask_keep[base + j] == 0:
+                        scores[i, j] = -np.inf
+            else:
+                for j in range(bk):
+                    scores[i, j] += mask_add[base + j]
+        else:  # broadcast along the keys (stride 0), or a softmax along another axis
+            if mask_kind == 1:
+                for j in range(bk):
+                    if mask_keep[base + j * mask_col_stride] == 0:
+                        scores[i, j] = -np.inf
+            else:
+                for j in range(bk):
+                    scores[i, j] += mask_add[base + j * mask_col_stride]
 
 
 @jit
