@@ -65,10 +65,6 @@ def softmax(x, axis: int = -1, *, mask=None, backend: str = "auto") -> np.ndarra
     name = _backends.resolve(backend, x, mask)
     if name == "cuda":
         return _backends.module("cuda").softmax(x, axis, mask=mask)
-    if mask is not None:
-        m = np.asarray(mask)
-        if m.dtype != np.bool_:
-            raise TypeError(f"mask must be a bool array (True = keep), got dtype {m.dtype}")
     rows, prepared_mask, moved_shape, axis, dtype = _prepare.prepare_softmax(x, axis, mask)
     in_dtype = np.asarray(x).dtype
     if name == "numpy":

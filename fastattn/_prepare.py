@@ -290,6 +290,8 @@ def check_softmax(x, axis, mask):
     axis = axis % x.ndim
     if mask is not None:
         mask = check_mask(mask, "mask", x.shape, "x")
+        if mask.dtype != np.bool_:
+            raise TypeError(f"mask must be a bool array (True = keep), got dtype {mask.dtype}")
     return x, axis, mask
 
 
