@@ -65,14 +65,25 @@ def query_block(N: int, L: int, causal: bool) -> int:
     return block
 
 
+def _pad_columns(x: np.ndarray, multiple: int) -> np.ndarray:
+    """x with zero columns added to make its last dim a multiple of ``multiple`` (x if it is)."""
+    extra = -x.shape[-1] % multiple
+    if not extra:
+        return x
+    padded = np.zeros(x.shape[:-1] + (x.shape[-1] + extra,), x.dtype)
+    padded[..., :x.shape[-1]] = x
+    return padded
+
+
 def attention(p: AttentionProblem, want_lse: bool):
     N, L, _ = p.q.shape
     out = np.empty((N, L, p.v.shape[2]), p.dtype)
     lse = np.empty((N, L), p.dtype)
     if N and L:
         cpu = _kernels()
-        with _lock, _blas.single_threaded_blas():
-            cpu.attention(_readonly(p.q), _readonly(p.k), _readonly(p.v), p.group,
+        v = _pad_columns(p.v, cpu.tile_cols(p.dtype.itemsize))
+        with _lock:  # no BLAS inside: the kernel has its own block products
+            cpu.attention(_readonly(p.q), _readonly(p.k), _readonly(v), p.group,
                           p.dtype.type(p.scale), p.causal, *_mask_args(p.mask, p.dtype),
                           query_block(N, L, p.causal), BLOCK_K, out, lse)
     return out, (lse if want_lse else None)

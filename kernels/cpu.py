@@ -7,8 +7,10 @@ optional mask read in place: for score row ``r`` and key ``j`` the mask element 
 0 drops the key) or of ``mask_add`` (``mask_kind`` 2: a float mask, added to the score);
 ``mask_kind`` 0 is no mask. Outputs are written into arrays the caller allocates.
 
-The block products go through ``np.dot`` (SciPy's BLAS). The caller must keep that BLAS
-single-threaded while a kernel runs: these kernels already use every core through ``prange``.
+The fused attention kernel computes its block products with its own register tiles
+(``_tile``). The kernels that return whole matrices (``similarity``, ``attention_weights``) go
+through ``np.dot`` (SciPy's BLAS); the caller must keep that BLAS single-threaded while they run:
+they already use every core through ``prange``.
 """
 import math
 
@@ -16,52 +18,54 @@ import numpy as np
 from numba import prange
 
 from ._jit import exp, jit, maxnum, parallel_jit
+from ._tile import ROWS, tile_cols, tile_product, tile_product_add
 
 
 # --- shared row steps --------------------------------------------------------------------------
+# Each works on one row of scores as a contiguous 1-d array, so that LLVM vectorises its loops.
 
 @jit
-def apply_mask(scores, row0, col0, mask_add, mask_keep, mask_row_offset, mask_col_stride,
-               mask_kind):
-    """Apply the mask to a block of scores whose first row/col are ``row0``/``col0`` of the
-    flattened (rows, cols) problem."""
-    bq, bk = scores.shape
+def apply_mask_row(row, r, col0, mask_add, mask_keep, mask_row_offset, mask_col_stride,
+                   mask_kind):
+    """Apply the mask to ``row``, the keys from ``col0`` on of row ``r`` of the flattened
+    (rows, cols) problem."""
     if mask_kind == 0:
         return
-    for i in range(bq):
-        base = mask_row_offset[row0 + i] + col0 * mask_col_stride
-        if mask_col_stride == 1:  # a row of the mask itself: contiguous, so the loops vectorise
-            if mask_kind == 1:
-                for j in range(bk):
-                    if mask_keep[base + j] == 0:
-                        scores[i, j] = -np.inf
-            else:
-                for j in range(bk):
-                    scores[i, j] += mask_add[base + j]
-        else:  # broadcast along the keys (stride 0), or a softmax along another axis
-            if mask_kind == 1:
-                for j in range(bk):
-                    if mask_keep[base + j * mask_col_stride] == 0:
-                        scores[i, j] = -np.inf
-            else:
-                for j in range(bk):
-                    scores[i, j] += mask_add[base + j * mask_col_stride]
+    n = row.shape[0]
+    base = mask_row_offset[r] + col0 * mask_col_stride
+    # Contiguous slices and selects rather than branches, so that the loops vectorise (an index
+    # like base + j may be negative as far as Numba knows, and its wraparound check would not).
+    if mask_col_stride == 1:  # a row of the mask itself
+        if mask_kind == 1:
+            keep = mask_keep[base:base + n]
+            for j in range(n):
+                row[j] = row[j] if keep[j] != 0 else -np.inf
+        else:
+            add = mask_add[base:base + n]
+            for j in range(n):
+                row[j] += add[j]
+    elif mask_col_stride == 0:  # one mask value for the whole row (broadcast along the keys)
+        if mask_kind == 1:
+            if mask_keep[base] == 0:
+                row[:] = -np.inf
+        else:
+            value = mask_add[base]
+            for j in range(n):
+                row[j] += value
+    else:  # a softmax along another axis of the mask
+        if mask_kind == 1:
+            for j in range(n):
+                row[j] = row[j] if mask_keep[base + j * mask_col_stride] != 0 else -np.inf
+        else:
+            for j in range(n):
+                row[j] += mask_add[base + j * mask_col_stride]
 
 
 @jit
-def add_mask_and_causal(scores, row0, col0, rows_total, mask_add, mask_keep, mask_row_offset,
-                        mask_col_stride, mask_kind, causal):
-    """Apply the mask to a block of scores whose first row/col are ``row0``/``col0`` of the
-    (rows_total, S) score plane of head ``row0 // rows_total``; set keys after the query
-    (causal, top-left) to -inf."""
-    bq, bk = scores.shape
-    apply_mask(scores, row0, col0, mask_add, mask_keep, mask_row_offset, mask_col_stride,
-               mask_kind)
-    if causal:
-        first_row = row0 % rows_total
-        for i in range(bq):
-            for j in range(max(first_row + i + 1 - col0, 0), bk):
-                scores[i, j] = -np.inf
+def mask_after(row, first_masked):
+    """Causal mask: the keys of ``row`` from index ``first_masked`` on come after the query."""
+    for j in range(max(first_masked, 0), row.shape[0]):
+        row[j] = -np.inf
 
 
 @jit
@@ -98,13 +102,12 @@ def softmax(x, mask_add, mask_keep, mask_row_offset, mask_col_stride, mask_kind,
     rows, cols = x.shape
     n_blocks = (rows + block_rows - 1) // block_rows
     for b in prange(n_blocks):
-        r0 = b * block_rows
-        r1 = min(r0 + block_rows, rows)
-        block = out[r0:r1]
-        block[:] = x[r0:r1]
-        apply_mask(block, r0, 0, mask_add, mask_keep, mask_row_offset, mask_col_stride, mask_kind)
-        for i in range(r1 - r0):
-            softmax_row_inplace(block[i])
+        for r in range(b * block_rows, min((b + 1) * block_rows, rows)):
+            row = out[r]
+            row[:] = x[r]
+            apply_mask_row(row, r, 0, mask_add, mask_keep, mask_row_offset, mask_col_stride,
+                           mask_kind)
+            softmax_row_inplace(row)
 
 
 # --- similarity --------------------------------------------------------------------------------
@@ -138,40 +141,58 @@ def attention_weights(q, k, group, scale, causal, mask_add, mask_keep, mask_row_
         q1 = min(q0 + block_q, L)
         scores = out[n, q0:q1]
         np.dot(q[n, q0:q1] * scale, k[n // group].T, scores)
-        add_mask_and_causal(scores, n * L + q0, 0, L, mask_add, mask_keep, mask_row_offset,
-                            mask_col_stride, mask_kind, causal)
         for i in range(q1 - q0):
-            softmax_row_inplace(scores[i])
+            row = scores[i]
+            apply_mask_row(row, n * L + q0 + i, 0, mask_add, mask_keep, mask_row_offset,
+                           mask_col_stride, mask_kind)
+            if causal:  # top-left: query i sees keys j <= i
+                mask_after(row, q0 + i + 1)
+            softmax_row_inplace(row)
 
 
 # --- fused attention ---------------------------------------------------------------------------
 
 @jit
-def online_softmax_step(scores, row_max, row_sum, acc):
-    """Fold one block of scores into the running max and sum of each row: rescale the rows of
-    ``acc`` to the new max and turn ``scores`` into the block's unnormalised weights."""
-    bq, bk = scores.shape
-    for i in range(bq):
-        new_max = row_max[i]
-        for j in range(bk):
-            new_max = maxnum(new_max, scores[i, j])
-        if new_max == -np.inf:
-            # Every key so far is masked: weights 0 (and NaN stays NaN), no exp(-inf - -inf).
-            for j in range(bk):
-                s = scores[i, j]
-                scores[i, j] = s - s if s != -np.inf else 0.0
-            row_sum[i] += scores[i, :].sum()
-            continue
-        alpha = exp(row_max[i] - new_max)
-        block_sum = scores.dtype.type(0.0)
-        for j in range(bk):
-            p = exp(scores[i, j] - new_max)
-            scores[i, j] = p
-            block_sum += p
-        row_sum[i] = row_sum[i] * alpha + block_sum
-        row_max[i] = new_max
-        for c in range(acc.shape[1]):
-            acc[i, c] *= alpha
+def online_softmax_row(scores, i, row_max, row_sum, acc_row):
+    """Fold one block of scores of row ``i`` into its running max and sum: rescale the row's
+    accumulator to the new max and turn ``scores`` into the block's unnormalised weights."""
+    n = scores.shape[0]
+    new_max = row_max[i]
+    for j in range(n):
+        new_max = maxnum(new_max, scores[j])
+    if new_max == -np.inf:
+        # Every key so far is masked: weights 0 (and NaN stays NaN), no exp(-inf - -inf).
+        for j in range(n):
+            s = scores[j]
+            scores[j] = s - s if s != -np.inf else 0.0
+        row_sum[i] += scores.sum()
+        return
+    alpha = exp(row_max[i] - new_max)
+    block_sum = scores.dtype.type(0.0)
+    for j in range(n):
+        p = exp(scores[j] - new_max)
+        scores[j] = p
+        block_sum += p
+    row_sum[i] = row_sum[i] * alpha + block_sum
+    row_max[i] = new_max
+    for c in range(acc_row.shape[0]):
+        acc_row[c] *= alpha
+
+
+@parallel_jit
+def pack_key_panels(k, cols, panels):
+    """Lay each k[n]^T (E, S) out in panels of ``cols`` keys, each (E, cols) row-major, zero
+    past the last key: the layout ``tile_product`` reads."""
+    N, S, E = k.shape
+    n_panels = panels.shape[1]
+    for item in prange(N * n_panels):
+        n = item // n_panels
+        p = item % n_panels
+        panel = panels[n, p]
+        panel[:] = 0
+        for jj in range(min(cols, S - p * cols)):
+            for d in range(E):
+                panel[d * cols + jj] = k[n, p * cols + jj, d]
 
 
 @parallel_jit
@@ -181,11 +202,28 @@ def attention(q, k, v, group, scale, causal, mask_add, mask_keep, mask_row_offse
 
     Each work item is one block of queries of one head; it walks the key/value blocks once,
     keeping per row the running max, the running sum of exp(score - max) and the accumulator
-    sum(exp(score - max) * v). Causal attention stops at the diagonal block.
+    sum(exp(score - max) * v). Within a key block, ROWS queries at a time go through the three
+    steps (scores, online softmax, weighted values) while their scores sit in the L1 cache; the
+    two products are register tiles (``_tile``) over keys and values packed once per call.
+    Causal attention stops each group of rows at its last row's key.
+
+    ``block_k`` must be a multiple of the tile's columns (``tile_cols``), and so must the last
+    dim of ``v``: the caller pads it with zero columns; ``out`` has the real width.
     """
-    N, L, _ = q.shape
+    N, L, E = q.shape
     S = k.shape[1]
-    Ev = v.shape[2]
+    Ev = out.shape[2]
+    ev_padded = v.shape[2]
+    dtype = q.dtype
+    cols = tile_cols(q.itemsize)
+    # K^T in whole tiles: memory like one more copy of k, so O(S), not O(L S). The rows of v are
+    # read in place, as tiles of ``cols`` columns.
+    key_panel_count = -(-S // cols)
+    key_panels = np.empty((k.shape[0], key_panel_count, E * cols), dtype)
+    pack_key_panels(k, cols, key_panels)
+    key_panels_flat = key_panels.reshape(-1)
+    v_flat = v.reshape(-1)
+    keys_padded = -(-block_k // cols) * cols
     n_qblocks = (L + block_q - 1) // block_q
     for item in prange(N * n_qblocks):
         n = item // n_qblocks
@@ -193,23 +231,48 @@ def attention(q, k, v, group, scale, causal, mask_add, mask_keep, mask_row_offse
         q0 = (item % n_qblocks) * block_q
         q1 = min(q0 + block_q, L)
         bq = q1 - q0
-        q_block = q[n, q0:q1] * scale
-        scores_buffer = np.empty(bq * block_k, q.dtype)
-        weighted_values = np.empty((bq, Ev), q.dtype)
-        acc = np.zeros((bq, Ev), q.dtype)
-        row_max = np.full(bq, -np.inf, q.dtype)
-        row_sum = np.zeros(bq, q.dtype)
+        # Zero padding to whole tiles: padded query rows and value columns compute harmless
+        # numbers that are never read back.
+        rows_padded = -(-bq // ROWS) * ROWS
+        q_block = np.zeros((rows_padded, E), dtype)
+        q_block[:bq] = q[n, q0:q1] * scale
+        q_flat = q_block.reshape(-1)
+        scores = np.empty(ROWS * keys_padded, dtype)
+        acc = np.zeros((rows_padded, ev_padded), dtype)
+        acc_flat = acc.reshape(-1)
+        row_max = np.full(rows_padded, -np.inf, dtype)
+        row_sum = np.zeros(rows_padded, dtype)
         # Top-left causal: query i sees keys j <= i, so blocks past the last row's key are skipped.
         k_end = min(S, q1) if causal else S
         for k0 in range(0, k_end, block_k):
-            k1 = min(k0 + block_k, k_end)
-            scores = scores_buffer[:bq * (k1 - k0)].reshape((bq, k1 - k0))
-            np.dot(q_block, k[kv, k0:k1].T, scores)
-            add_mask_and_causal(scores, n * L + q0, k0, L, mask_add, mask_keep, mask_row_offset,
-                                mask_col_stride, mask_kind, causal and k1 - 1 > q0)
-            online_softmax_step(scores, row_max, row_sum, acc)
-            np.dot(scores, v[kv, k0:k1], weighted_values)
-            acc += weighted_values
+            for r0 in range(0, bq, ROWS):
+                rows = min(ROWS, bq - r0)
+                keys = min(block_k, k_end - k0)
+                if causal:
+                    keys = min(keys, q0 + r0 + rows - k0)
+                    if keys <= 0:  # every key of the block comes after these queries
+                        continue
+                # scores of ROWS queries against the block's keys, a tile of keys at a time
+                for panel in range(-(-keys // cols)):
+                    tile_product(q_flat, r0 * E, E, key_panels_flat,
+                                 (kv * key_panel_count + k0 // cols + panel) * E * cols, cols,
+                                 scores, panel * cols, keys_padded, E)
+                diagonal = causal and k0 + keys - 1 > q0 + r0
+                if mask_kind != 0 or diagonal:
+                    for i in range(rows):
+                        row = scores[i * keys_padded:i * keys_padded + keys]
+                        query = q0 + r0 + i
+                        apply_mask_row(row, n * L + query, k0, mask_add, mask_keep,
+                                       mask_row_offset, mask_col_stride, mask_kind)
+                        if diagonal:
+                            mask_after(row, query + 1 - k0)
+                for i in range(rows):
+                    online_softmax_row(scores[i * keys_padded:i * keys_padded + keys], r0 + i,
+                                       row_max, row_sum, acc[r0 + i])
+                # acc += weights @ v for the block, a tile of value columns at a time
+                for c0 in range(0, ev_padded, cols):
+                    tile_product_add(scores, 0, keys_padded, v_flat, (kv * S + k0) * ev_padded + c0,
+                                     ev_padded, acc_flat, r0 * ev_padded + c0, ev_padded, keys)
         for i in range(bq):
             total = row_sum[i]
             if total > 0 or total != total:
