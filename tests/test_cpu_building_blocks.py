@@ -1,0 +1,92 @@
+"""The two hand-written pieces under the numba kernels: the register tile and the float32 exp.
+
+Parity tests already cover them through the public API; these pin each one down on its own,
+including the inputs the API rarely produces (offsets, strides, depth 0, the whole exp range).
+"""
+import numba
+import numpy as np
+import pytest
+
+from fastattn.kernels._jit import exp
+from fastattn.kernels._tile import ROWS, tile_cols, tile_product, tile_product_add
+
+
+@numba.njit
+def _tile(a, a_start, a_row_stride, b, b_start, b_row_stride, c, c_start, c_row_stride, depth,
+          accumulate):
+    if accumulate:
+        tile_product_add(a, a_start, a_row_stride, b, b_start, b_row_stride, c, c_start,
+                         c_row_stride, depth)
+    else:
+        tile_product(a, a_start, a_row_stride, b, b_start, b_row_stride, c, c_start,
+                     c_row_stride, depth)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("depth", [0, 1, 7, 64, 259])
+def test_tile_product_matches_numpy_and_writes_only_its_tile(rng, dtype, accumulate, depth):
+    cols = tile_cols(np.dtype(dtype).itemsize)
+    # Offsets and row strides wider than the tile, as the kernel uses them.
+    a_start, a_row_stride = 5, depth + 3
+    b_start, b_row_stride = 3, cols + 9
+    c_start, c_row_stride = 11, cols + 4
+    a = rng.standard_normal(a_start + ROWS * a_row_stride).astype(dtype)
+    b = rng.standard_normal(b_start + max(depth, 1) * b_row_stride).astype(dtype)
+    c = rng.standard_normal(c_start + ROWS * c_row_stride + 7).astype(dtype)
+    a_tile = np.lib.stride_tricks.as_strided(
+        a[a_start:], (ROWS, depth), (a_row_stride * a.itemsize, a.itemsize))
+    b_tile = np.lib.stride_tricks.as_strided(
+        b[b_start:], (depth, cols), (b_row_stride * b.itemsize, b.itemsize))
+    before = c.copy()
+    c_view = np.lib.stride_tricks.as_strided(
+        c[c_start:], (ROWS, cols), (c_row_stride * c.itemsize, c.itemsize))
+    expected = a_tile.astype(np.float64) @ b_tile.astype(np.float64)
+    if accumulate:
+        expected += c_view.astype(np.float64)
+    a_before, b_before = a.copy(), b.copy()
+
+    _tile(a, a_start, a_row_stride, b, b_start, b_row_stride, c, c_start, c_row_stride, depth,
+          accumulate)
+
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(c_view, expected, rtol=tol, atol=tol * max(depth, 1))
+    touched = np.zeros(c.shape, bool)
+    for r in range(ROWS):
+        touched[c_start + r * c_row_stride:c_start + r * c_row_stride + cols] = True
+    np.testing.assert_array_equal(c[~touched], before[~touched])
+    np.testing.assert_array_equal(a, a_before)
+    np.testing.assert_array_equal(b, b_before)
+
+
+@numba.njit
+def _exp_all(x):
+    out = np.empty_like(x)
+    for i in range(x.shape[0]):
+        out[i] = exp(x[i])
+    return out
+
+
+def test_float32_exp_is_within_one_ulp_over_the_normal_range():
+    x = np.linspace(-87.3, 88.3, 2_000_001, dtype=np.float32)
+    got = _exp_all(x).astype(np.float64)
+    exact = np.exp(x.astype(np.float64))
+    # 1.2e-7 is one float32 ulp at the bottom of a binade; NumPy's own float32 exp has about
+    # twice that.
+    assert np.max(np.abs(got / exact - 1)) < 1.2e-7
+
+
+def test_float32_exp_special_values():
+    x = np.array([-np.inf, -1e30, -88.0, -87.8, 0.0, -0.0, 89.0, 1e30, np.inf, np.nan],
+                 np.float32)
+    got = _exp_all(x)
+    # a masked score (-inf) and anything that underflows give exactly 0, never NaN
+    assert np.all(got[:4] == 0) and not np.signbit(got[:4]).any()
+    assert got[4] == 1 and got[5] == 1
+    assert np.all(np.isposinf(got[6:9]))
+    assert np.isnan(got[9])
+
+
+def test_float64_exp_is_the_library_exp():
+    x = np.linspace(-700, 700, 10001)
+    np.testing.assert_allclose(_exp_all(x), np.exp(x), rtol=4e-16, atol=0)
