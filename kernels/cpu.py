@@ -228,7 +228,11 @@ def attention(q, k, v, group, scale, causal, mask_add, mask_keep, mask_row_offse
     for item in prange(N * n_qblocks):
         n = item // n_qblocks
         kv = n // group
-        q0 = (item % n_qblocks) * block_q
+        # Query blocks in the order 0, last, 1, last - 1, ...: with causal attention later blocks
+        # cost more, and each thread's share (a run of consecutive items) gets both kinds.
+        qb = item % n_qblocks
+        qb = qb // 2 if qb % 2 == 0 else n_qblocks - 1 - qb // 2
+        q0 = qb * block_q
         q1 = min(q0 + block_q, L)
         bq = q1 - q0
         # Zero padding to whole tiles: padded query rows and value columns compute harmless
