@@ -9,9 +9,10 @@ from . import _blas
 from ._prepare import AttentionProblem, Mask
 
 # Rows of queries per work item, and keys per block, measured on a 2-core Zen 3 with D=64
-# against torch in one run (see README): tall query blocks let each packed key/value block serve
-# more rows in the two BLAS products (512 rows: about 10% faster than 256 without causal), but
-# with causal attention they waste more of the diagonal block, where 256 rows does best.
+# against torch, best of several runs (the machine is noisy): a taller query block lets each key
+# and value block, read from the L3 cache, serve more rows from the L2 (512 rows; 256 with causal
+# attention, whose work items differ in cost, so smaller ones balance the threads better). The
+# key block must be a multiple of the register tile's columns (16 float32, 8 float64).
 BLOCK_Q = 512
 BLOCK_Q_CAUSAL = 256
 BLOCK_K = 256
