@@ -104,7 +104,8 @@ def softmax(x, mask_add, mask_keep, mask_row_offset, mask_col_stride, mask_kind,
     for b in prange(n_blocks):
         for r in range(b * block_rows, min((b + 1) * block_rows, rows)):
             row = out[r]
-            row[:] = x[r]
+            for j in range(cols):  # not row[:] = x[r]: its shape check takes seconds to compile
+                row[j] = x[r, j]
             apply_mask_row(row, r, 0, mask_add, mask_keep, mask_row_offset, mask_col_stride,
                            mask_kind)
             softmax_row_inplace(row)
@@ -195,6 +196,76 @@ def pack_key_panels(k, cols, panels):
                 panel[d * cols + jj] = k[n, p * cols + jj, d]
 
 
+@jit
+def attention_block(q, key_panels, v, n, kv, q0, q1, scale, causal, mask_add, mask_keep,
+                    mask_row_offset, mask_col_stride, mask_kind, block_k, out, lse):
+    """One work item of ``attention``: queries q0..q1 of head ``n`` against all keys and values
+    of head ``kv`` (``key_panels`` is that head's k^T in tiles)."""
+    _, L, E = q.shape
+    S = v.shape[1]
+    Ev = out.shape[2]
+    ev_padded = v.shape[2]
+    dtype = q.dtype
+    cols = tile_cols(q.itemsize)
+    keys_padded = -(-block_k // cols) * cols
+    v_flat = v[kv].reshape(-1)
+    bq = q1 - q0
+    # Zero padding to whole tiles: padded query rows and value columns compute harmless numbers
+    # that are never read back.
+    rows_padded = -(-bq // ROWS) * ROWS
+    q_block = np.zeros((rows_padded, E), dtype)
+    for i in range(bq):  # a loop, not an array assignment: its shape check costs seconds to compile
+        for d in range(E):
+            q_block[i, d] = q[n, q0 + i, d] * scale
+    q_flat = q_block.reshape(-1)
+    scores = np.empty(ROWS * keys_padded, dtype)
+    acc = np.zeros((rows_padded, ev_padded), dtype)
+    acc_flat = acc.reshape(-1)
+    row_max = np.full(rows_padded, -np.inf, dtype)
+    row_sum = np.zeros(rows_padded, dtype)
+    # Top-left causal: query i sees keys j <= i, so blocks past the last row's key are skipped.
+    k_end = min(S, q1) if causal else S
+    for k0 in range(0, k_end, block_k):
+        for r0 in range(0, bq, ROWS):
+            rows = min(ROWS, bq - r0)
+            keys = min(block_k, k_end - k0)
+            if causal:
+                keys = min(keys, q0 + r0 + rows - k0)
+                if keys <= 0:  # every key of the block comes after these queries
+                    continue
+            # scores of ROWS queries against the block's keys, a tile of keys at a time
+            for panel in range(-(-keys // cols)):
+                tile_product(q_flat, r0 * E, E, key_panels, (k0 // cols + panel) * E * cols, cols,
+                             scores, panel * cols, keys_padded, E)
+            diagonal = causal and k0 + keys - 1 > q0 + r0
+            if mask_kind != 0 or diagonal:
+                for i in range(rows):
+                    row = scores[i * keys_padded:i * keys_padded + keys]
+                    query = q0 + r0 + i
+                    apply_mask_row(row, n * L + query, k0, mask_add, mask_keep, mask_row_offset,
+                                   mask_col_stride, mask_kind)
+                    if diagonal:
+                        mask_after(row, query + 1 - k0)
+            for i in range(rows):
+                online_softmax_row(scores[i * keys_padded:i * keys_padded + keys], r0 + i, row_max,
+                                   row_sum, acc[r0 + i])
+            # acc += weights @ v for the block, a tile of value columns at a time
+            for c0 in range(0, ev_padded, cols):
+                tile_product_add(scores, 0, keys_padded, v_flat, k0 * ev_padded + c0, ev_padded,
+                                 acc_flat, r0 * ev_padded + c0, ev_padded, keys)
+    for i in range(bq):
+        total = row_sum[i]
+        if total > 0 or total != total:
+            inv = 1 / total
+            for c in range(Ev):
+                out[n, q0 + i, c] = acc[i, c] * inv
+            lse[n, q0 + i] = row_max[i] + math.log(total)
+        else:  # no key takes part: zeros, and log(0) = -inf
+            for c in range(Ev):
+                out[n, q0 + i, c] = 0.0
+            lse[n, q0 + i] = -np.inf
+
+
 @parallel_jit
 def attention(q, k, v, group, scale, causal, mask_add, mask_keep, mask_row_offset, mask_col_stride,
               mask_kind, block_q, block_k, out, lse):
@@ -204,87 +275,26 @@ def attention(q, k, v, group, scale, causal, mask_add, mask_keep, mask_row_offse
     keeping per row the running max, the running sum of exp(score - max) and the accumulator
     sum(exp(score - max) * v). Within a key block, ROWS queries at a time go through the three
     steps (scores, online softmax, weighted values) while their scores sit in the L1 cache; the
-    two products are register tiles (``_tile``) over keys and values packed once per call.
-    Causal attention stops each group of rows at its last row's key.
+    two products are register tiles (``_tile``) over keys packed once per call and values read
+    in place. Causal attention stops each group of rows at its last row's key.
 
     ``block_k`` must be a multiple of the tile's columns (``tile_cols``), and so must the last
     dim of ``v``: the caller pads it with zero columns; ``out`` has the real width.
     """
     N, L, E = q.shape
     S = k.shape[1]
-    Ev = out.shape[2]
-    ev_padded = v.shape[2]
-    dtype = q.dtype
     cols = tile_cols(q.itemsize)
-    # K^T in whole tiles: memory like one more copy of k, so O(S), not O(L S). The rows of v are
-    # read in place, as tiles of ``cols`` columns.
-    key_panel_count = -(-S // cols)
-    key_panels = np.empty((k.shape[0], key_panel_count, E * cols), dtype)
+    # K^T in whole tiles: memory like one more copy of k, so O(S), not O(L S).
+    key_panels = np.empty((k.shape[0], -(-S // cols), E * cols), q.dtype)
     pack_key_panels(k, cols, key_panels)
-    key_panels_flat = key_panels.reshape(-1)
-    v_flat = v.reshape(-1)
-    keys_padded = -(-block_k // cols) * cols
     n_qblocks = (L + block_q - 1) // block_q
     for item in prange(N * n_qblocks):
         n = item // n_qblocks
-        kv = n // group
         # Query blocks in the order 0, last, 1, last - 1, ...: with causal attention later blocks
         # cost more, and each thread's share (a run of consecutive items) gets both kinds.
         qb = item % n_qblocks
         qb = qb // 2 if qb % 2 == 0 else n_qblocks - 1 - qb // 2
         q0 = qb * block_q
-        q1 = min(q0 + block_q, L)
-        bq = q1 - q0
-        # Zero padding to whole tiles: padded query rows and value columns compute harmless
-        # numbers that are never read back.
-        rows_padded = -(-bq // ROWS) * ROWS
-        q_block = np.zeros((rows_padded, E), dtype)
-        q_block[:bq] = q[n, q0:q1] * scale
-        q_flat = q_block.reshape(-1)
-        scores = np.empty(ROWS * keys_padded, dtype)
-        acc = np.zeros((rows_padded, ev_padded), dtype)
-        acc_flat = acc.reshape(-1)
-        row_max = np.full(rows_padded, -np.inf, dtype)
-        row_sum = np.zeros(rows_padded, dtype)
-        # Top-left causal: query i sees keys j <= i, so blocks past the last row's key are skipped.
-        k_end = min(S, q1) if causal else S
-        for k0 in range(0, k_end, block_k):
-            for r0 in range(0, bq, ROWS):
-                rows = min(ROWS, bq - r0)
-                keys = min(block_k, k_end - k0)
-                if causal:
-                    keys = min(keys, q0 + r0 + rows - k0)
-                    if keys <= 0:  # every key of the block comes after these queries
-                        continue
-                # scores of ROWS queries against the block's keys, a tile of keys at a time
-                for panel in range(-(-keys // cols)):
-                    tile_product(q_flat, r0 * E, E, key_panels_flat,
-                                 (kv * key_panel_count + k0 // cols + panel) * E * cols, cols,
-                                 scores, panel * cols, keys_padded, E)
-                diagonal = causal and k0 + keys - 1 > q0 + r0
-                if mask_kind != 0 or diagonal:
-                    for i in range(rows):
-                        row = scores[i * keys_padded:i * keys_padded + keys]
-                        query = q0 + r0 + i
-                        apply_mask_row(row, n * L + query, k0, mask_add, mask_keep,
-                                       mask_row_offset, mask_col_stride, mask_kind)
-                        if diagonal:
-                            mask_after(row, query + 1 - k0)
-                for i in range(rows):
-                    online_softmax_row(scores[i * keys_padded:i * keys_padded + keys], r0 + i,
-                                       row_max, row_sum, acc[r0 + i])
-                # acc += weights @ v for the block, a tile of value columns at a time
-                for c0 in range(0, ev_padded, cols):
-                    tile_product_add(scores, 0, keys_padded, v_flat, (kv * S + k0) * ev_padded + c0,
-                                     ev_padded, acc_flat, r0 * ev_padded + c0, ev_padded, keys)
-        for i in range(bq):
-            total = row_sum[i]
-            if total > 0 or total != total:
-                inv = 1 / total
-                for c in range(Ev):
-                    out[n, q0 + i, c] = acc[i, c] * inv
-                lse[n, q0 + i] = row_max[i] + math.log(total)
-            else:  # no key takes part: zeros, and log(0) = -inf
-                for c in range(Ev):
-                    out[n, q0 + i, c] = 0.0
-                lse[n, q0 + i] = -np.inf
+        attention_block(q, key_panels[n // group].reshape(-1), v, n, n // group, q0,
+                        min(q0 + block_q, L), scale, causal, mask_add, mask_keep, mask_row_offset,
+                        mask_col_stride, mask_kind, block_k, out, lse)
