@@ -268,7 +268,7 @@ def attention_block(q, key_panels, v, n, kv, q0, q1, scale, causal, mask_add, ma
 
 @parallel_jit
 def attention(q, k, v, group, scale, causal, mask_add, mask_keep, mask_row_offset, mask_col_stride,
-              mask_kind, block_q, block_k, out, lse):
+              mask_kind, block_q, block_k, key_panels, out, lse):
     """Flash-style attention: out (N, L, Ev) and lse (N, L), never storing the L x S scores.
 
     Each work item is one block of queries of one head; it walks the key/value blocks once,
@@ -280,12 +280,11 @@ def attention(q, k, v, group, scale, causal, mask_add, mask_keep, mask_row_offse
 
     ``block_k`` must be a multiple of the tile's columns (``tile_cols``), and so must the last
     dim of ``v``: the caller pads it with zero columns; ``out`` has the real width.
+    ``key_panels`` is scratch for k^T in tiles, (k.shape[0], ceil(S / tile_cols), E * tile_cols):
+    memory like one more copy of k, so O(S), not O(L S).
     """
     N, L, E = q.shape
-    S = k.shape[1]
     cols = tile_cols(q.itemsize)
-    # K^T in whole tiles: memory like one more copy of k, so O(S), not O(L S).
-    key_panels = np.empty((k.shape[0], -(-S // cols), E * cols), q.dtype)
     pack_key_panels(k, cols, key_panels)
     n_qblocks = (L + block_q - 1) // block_q
     for item in prange(N * n_qblocks):
