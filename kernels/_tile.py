@@ -33,7 +33,7 @@ def _make_tile_product(accumulate: bool):
     def typer(typingctx, a, a_start, a_row_stride, b, b_start, b_row_stride, c, c_start,
               c_row_stride, depth):
         arrays = (a, b, c)
-        if not all(isinstance(x, types.Array) for x in arrays):
+        if not all(isinstance(x, types.Array) and x.layout == "C" for x in arrays):
             return None
         if len({x.dtype for x in arrays}) != 1 or a.dtype not in (types.float32, types.float64):
             return None
