@@ -34,6 +34,21 @@ def test_strided_inputs_never_read_the_gaps(rng):
         np.testing.assert_array_equal(got, expected)
 
 
+def test_kept_scratch_is_safe_across_sizes_and_dtypes(rng):
+    # The numba backend keeps its k-tile scratch between calls: a call after a larger one reads a
+    # buffer full of the old call's keys (of another dtype and head size), which must not leak in.
+    from conftest import assert_matches_reference
+    from fastattn import reference
+    cases = [((2, 4, 700, 64), np.float32), ((1, 3, 37, 20), np.float64),
+             ((2, 2, 130, 8), np.float32), ((1, 1, 5, 3), np.float64), ((3, 2, 300, 40), np.float32)]
+    for shape, dtype in cases:
+        q, k, v = (rng.standard_normal(shape).astype(dtype) for _ in range(3))
+        for causal in (False, True):
+            got = sdpa(q, k, v, is_causal=causal, backend="numba")
+            assert_matches_reference(got, reference.scaled_dot_product_attention, q, k, v,
+                                     is_causal=causal)
+
+
 def test_one_and_two_threads_give_identical_bits(rng):
     import numba
     q, k, v = (rng.standard_normal((2, 3, 300, 32)).astype(np.float32) for _ in range(3))
