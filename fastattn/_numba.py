@@ -66,49 +66,55 @@ def query_block(N: int, L: int, causal: bool) -> int:
     return block
 
 
-def _pad_columns(x: np.ndarray, multiple: int) -> np.ndarray:
-    """x with zero columns added to make its last dim a multiple of ``multiple`` (x if it is)."""
-    extra = -x.shape[-1] % multiple
-    if not extra:
-        return x
-    padded = np.zeros(x.shape[:-1] + (x.shape[-1] + extra,), x.dtype)
-    padded[..., :x.shape[-1]] = x
-    return padded
-
-
-# Scratch kept between calls (which _lock serialises) for k laid out in tiles: a fresh buffer of
-# a few MiB costs a page fault per 4 KiB on first touch, which in this project's VM came to about
-# a tenth of a call at B=1, H=8, L=1024. Buffers up to KEEP_SCRATCH_BYTES are kept.
+# Scratch kept between calls (which _lock serialises) for k and v laid out in tiles: a fresh
+# buffer of a few MiB costs a page fault per 4 KiB on first touch, which in this project's VM came
+# to about a tenth of a call at B=1, H=8, L=1024. Buffers up to KEEP_SCRATCH_BYTES are kept.
 KEEP_SCRATCH_BYTES = 32 << 20
 _scratch = np.empty(0, np.uint8)
 
 
-def _scratch_array(shape: tuple, dtype) -> np.ndarray:
+# The tiles load 64 bytes (a cache line) per row: NumPy's buffers start 16 or 48 bytes into a
+# line, so every such load would touch two lines.
+ALIGN = 64
+
+
+def _scratch_arrays(shapes: list, dtype) -> list:
+    """Uninitialised arrays of these shapes, each starting on a cache line, in memory kept
+    between calls."""
     global _scratch
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    if nbytes <= _scratch.nbytes:
+    sizes = [-(-int(np.prod(shape)) * np.dtype(dtype).itemsize // ALIGN) * ALIGN
+             for shape in shapes]
+    nbytes = sum(sizes)
+    if nbytes + ALIGN <= _scratch.nbytes:
         buffer = _scratch
     else:
-        buffer = np.empty(nbytes, np.uint8)
+        buffer = np.empty(nbytes + ALIGN, np.uint8)
         if nbytes <= KEEP_SCRATCH_BYTES:
             _scratch = buffer
-    return buffer[:nbytes].view(dtype).reshape(shape)
+    start = -buffer.ctypes.data % ALIGN
+    arrays = []
+    for shape, size in zip(shapes, sizes):
+        count = int(np.prod(shape))
+        arrays.append(buffer[start:start + size].view(dtype)[:count].reshape(shape))
+        start += size
+    return arrays
 
 
 def attention(p: AttentionProblem, want_lse: bool):
     N, L, E = p.q.shape
-    out = np.empty((N, L, p.v.shape[2]), p.dtype)
+    n_kv, S, Ev = p.v.shape
+    out = np.empty((N, L, Ev), p.dtype)
     lse = np.empty((N, L), p.dtype)
     if N and L:
         cpu = _kernels()
         cols = cpu.tile_cols(p.dtype.itemsize)
-        v = _pad_columns(p.v, cols)
-        S = p.k.shape[1]
         with _lock:  # no BLAS inside: the kernel has its own block products
-            key_panels = _scratch_array((p.k.shape[0], -(-S // cols), E * cols), p.dtype)
-            cpu.attention(_readonly(p.q), _readonly(p.k), _readonly(v), p.group,
+            key_panels, value_panels = _scratch_arrays(
+                [(n_kv, -(-S // cols), E * cols), (n_kv, -(-Ev // cols), S * cols)], p.dtype)
+            cpu.attention(_readonly(p.q), _readonly(p.k), _readonly(p.v), p.group,
                           p.dtype.type(p.scale), p.causal, *_mask_args(p.mask, p.dtype),
-                          query_block(N, L, p.causal), BLOCK_K, key_panels, out, lse)
+                          query_block(N, L, p.causal), BLOCK_K, key_panels, value_panels, out,
+                          lse)
     return out, (lse if want_lse else None)
 
 

@@ -181,34 +181,47 @@ def online_softmax_row(scores, i, row_max, row_sum, acc_row):
 
 
 @parallel_jit
-def pack_key_panels(k, cols, panels):
-    """Lay each k[n]^T (E, S) out in panels of ``cols`` keys, each (E, cols) row-major, zero
-    past the last key: the layout ``tile_product`` reads."""
+def pack_panels(k, v, cols, key_panels, value_panels):
+    """Lay k and v out as the tiles read them, zero past the last key and value column:
+    ``key_panels[n, p]`` holds k[n]^T for keys p*cols.. as (E, cols) row-major, and
+    ``value_panels[n, c]`` holds v[n][:, c*cols:(c+1)*cols] as (S, cols) row-major. Each tile row
+    is then one aligned run of 64 bytes (the caller aligns the panels), read in order."""
     N, S, E = k.shape
-    n_panels = panels.shape[1]
+    Ev = v.shape[2]
+    n_panels = key_panels.shape[1]
+    n_chunks = value_panels.shape[1]
     for item in prange(N * n_panels):
         n = item // n_panels
         p = item % n_panels
-        panel = panels[n, p]
+        keys = min(cols, S - p * cols)
+        panel = key_panels[n, p]
         panel[:] = 0
-        for jj in range(min(cols, S - p * cols)):
+        for jj in range(keys):
             for d in range(E):
                 panel[d * cols + jj] = k[n, p * cols + jj, d]
+        for c in range(n_chunks):
+            chunk = value_panels[n, c]
+            width = min(cols, Ev - c * cols)
+            for jj in range(keys):
+                row = (p * cols + jj) * cols
+                for e in range(width):
+                    chunk[row + e] = v[n, p * cols + jj, c * cols + e]
+                for e in range(width, cols):
+                    chunk[row + e] = 0.0
 
 
 @jit
-def attention_block(q, key_panels, v, n, kv, q0, q1, scale, causal, mask_add, mask_keep,
+def attention_block(q, key_panels, value_panels, n, q0, q1, scale, causal, mask_add, mask_keep,
                     mask_row_offset, mask_col_stride, mask_kind, block_k, out, lse):
     """One work item of ``attention``: queries q0..q1 of head ``n`` against all keys and values
-    of head ``kv`` (``key_panels`` is that head's k^T in tiles)."""
+    of its key/value head, laid out in tiles in ``key_panels`` and ``value_panels`` (flat)."""
     _, L, E = q.shape
-    S = v.shape[1]
     Ev = out.shape[2]
-    ev_padded = v.shape[2]
     dtype = q.dtype
     cols = tile_cols(q.itemsize)
+    S = value_panels.shape[0] // (-(-Ev // cols) * cols)
+    ev_padded = -(-Ev // cols) * cols
     keys_padded = -(-block_k // cols) * cols
-    v_flat = v[kv].reshape(-1)
     bq = q1 - q0
     # Zero padding to whole tiles: padded query rows and value columns compute harmless numbers
     # that are never read back.
@@ -251,7 +264,7 @@ def attention_block(q, key_panels, v, n, kv, q0, q1, scale, causal, mask_add, ma
                                    row_sum, acc[r0 + i])
             # acc += weights @ v for the block, a tile of value columns at a time
             for c0 in range(0, ev_padded, cols):
-                tile_product_add(scores, 0, keys_padded, v_flat, k0 * ev_padded + c0, ev_padded,
+                tile_product_add(scores, 0, keys_padded, value_panels, (c0 * S + k0 * cols), cols,
                                  acc_flat, r0 * ev_padded + c0, ev_padded, keys)
     for i in range(bq):
         total = row_sum[i]
@@ -268,24 +281,24 @@ def attention_block(q, key_panels, v, n, kv, q0, q1, scale, causal, mask_add, ma
 
 @parallel_jit
 def attention(q, k, v, group, scale, causal, mask_add, mask_keep, mask_row_offset, mask_col_stride,
-              mask_kind, block_q, block_k, key_panels, out, lse):
+              mask_kind, block_q, block_k, key_panels, value_panels, out, lse):
     """Flash-style attention: out (N, L, Ev) and lse (N, L), never storing the L x S scores.
 
     Each work item is one block of queries of one head; it walks the key/value blocks once,
     keeping per row the running max, the running sum of exp(score - max) and the accumulator
     sum(exp(score - max) * v). Within a key block, ROWS queries at a time go through the three
     steps (scores, online softmax, weighted values) while their scores sit in the L1 cache; the
-    two products are register tiles (``_tile``) over keys packed once per call and values read
-    in place. Causal attention stops each group of rows at its last row's key.
+    two products are register tiles (``_tile``) over k and v laid out once per call in tiles
+    (``pack_panels``). Causal attention stops each group of rows at its last row's key.
 
-    ``block_k`` must be a multiple of the tile's columns (``tile_cols``), and so must the last
-    dim of ``v``: the caller pads it with zero columns; ``out`` has the real width.
-    ``key_panels`` is scratch for k^T in tiles, (k.shape[0], ceil(S / tile_cols), E * tile_cols):
-    memory like one more copy of k, so O(S), not O(L S).
+    ``block_k`` must be a multiple of the tile's columns (``tile_cols``). ``key_panels``
+    (k.shape[0], ceil(S / cols), E * cols) and ``value_panels`` (v.shape[0], ceil(Ev / cols),
+    S * cols) are scratch, best aligned to 64 bytes: memory like one more copy of k and v, so
+    O(S), not O(L S).
     """
     N, L, E = q.shape
     cols = tile_cols(q.itemsize)
-    pack_key_panels(k, cols, key_panels)
+    pack_panels(k, v, cols, key_panels, value_panels)
     n_qblocks = (L + block_q - 1) // block_q
     for item in prange(N * n_qblocks):
         n = item // n_qblocks
@@ -294,6 +307,7 @@ def attention(q, k, v, group, scale, causal, mask_add, mask_keep, mask_row_offse
         qb = item % n_qblocks
         qb = qb // 2 if qb % 2 == 0 else n_qblocks - 1 - qb // 2
         q0 = qb * block_q
-        attention_block(q, key_panels[n // group].reshape(-1), v, n, n // group, q0,
-                        min(q0 + block_q, L), scale, causal, mask_add, mask_keep, mask_row_offset,
-                        mask_col_stride, mask_kind, block_k, out, lse)
+        attention_block(q, key_panels[n // group].reshape(-1),
+                        value_panels[n // group].reshape(-1), n, q0, min(q0 + block_q, L), scale,
+                        causal, mask_add, mask_keep, mask_row_offset, mask_col_stride, mask_kind,
+                        block_k, out, lse)

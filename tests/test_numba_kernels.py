@@ -35,18 +35,35 @@ def test_strided_inputs_never_read_the_gaps(rng):
 
 
 def test_kept_scratch_is_safe_across_sizes_and_dtypes(rng):
-    # The numba backend keeps its k-tile scratch between calls: a call after a larger one reads a
-    # buffer full of the old call's keys (of another dtype and head size), which must not leak in.
+    # The numba backend keeps its scratch for k and v in tiles between calls: a call after a
+    # larger one reads a buffer full of the old call's keys and values (of another dtype and head
+    # size), which must not leak in, in particular into the zero columns that pad v to whole tiles.
     from conftest import assert_matches_reference
     from fastattn import reference
-    cases = [((2, 4, 700, 64), np.float32), ((1, 3, 37, 20), np.float64),
-             ((2, 2, 130, 8), np.float32), ((1, 1, 5, 3), np.float64), ((3, 2, 300, 40), np.float32)]
-    for shape, dtype in cases:
-        q, k, v = (rng.standard_normal(shape).astype(dtype) for _ in range(3))
+    cases = [((2, 4, 700, 64), 64, np.float32), ((1, 3, 37, 20), 13, np.float64),
+             ((2, 2, 130, 8), 24, np.float32), ((1, 1, 5, 3), 1, np.float64),
+             ((3, 2, 300, 40), 17, np.float32), ((1, 2, 64, 16), 30, np.float32)]
+    for shape, value_dim, dtype in cases:
+        q, k = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+        v = rng.standard_normal(shape[:-1] + (value_dim,)).astype(dtype)
         for causal in (False, True):
             got = sdpa(q, k, v, is_causal=causal, backend="numba")
             assert_matches_reference(got, reference.scaled_dot_product_attention, q, k, v,
                                      is_causal=causal)
+
+
+def test_scratch_arrays_start_on_cache_lines_and_do_not_overlap():
+    from fastattn import _numba
+    for shapes, dtype in (([(3, 5, 7), (2, 9)], np.float32), ([(1,), (4, 4), (3,)], np.float64),
+                          ([(1000, 33)], np.float32)):
+        arrays = _numba._scratch_arrays(shapes, dtype)
+        spans = []
+        for a, shape in zip(arrays, shapes):
+            assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
+            assert a.ctypes.data % _numba.ALIGN == 0
+            spans.append((a.ctypes.data, a.ctypes.data + a.nbytes))
+        spans.sort()
+        assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
 
 
 def test_one_and_two_threads_give_identical_bits(rng):
