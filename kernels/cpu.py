@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import prange
 
-from ._jit import exp, jit, maxnum, parallel_jit
+from ._jit import exp_nonpositive, jit, maxnum, parallel_jit
 from ._tile import ROWS, tile_cols, tile_product, tile_product_add
 
 
@@ -81,7 +81,7 @@ def softmax_row_inplace(row):
             row[j] = row[j] - row[j] if row[j] != -np.inf else 0.0
     row_sum = row.dtype.type(0.0)
     for j in range(n):
-        e = exp(row[j] - row_max) if row_max != -np.inf else row[j]
+        e = exp_nonpositive(row[j] - row_max) if row_max != -np.inf else row[j]
         row[j] = e
         row_sum += e
     if row_sum != row_sum:
@@ -168,10 +168,10 @@ def online_softmax_row(scores, i, row_max, row_sum, acc_row):
             scores[j] = s - s if s != -np.inf else 0.0
         row_sum[i] += scores.sum()
         return
-    alpha = exp(row_max[i] - new_max)
+    alpha = exp_nonpositive(row_max[i] - new_max)
     block_sum = scores.dtype.type(0.0)
     for j in range(n):
-        p = exp(scores[j] - new_max)
+        p = exp_nonpositive(scores[j] - new_max)
         scores[j] = p
         block_sum += p
     row_sum[i] = row_sum[i] * alpha + block_sum

@@ -7,7 +7,7 @@ import numba
 import numpy as np
 import pytest
 
-from fastattn.kernels._jit import exp
+from fastattn.kernels._jit import exp, exp_nonpositive
 from fastattn.kernels._tile import ROWS, tile_cols, tile_product, tile_product_add
 
 
@@ -87,6 +87,32 @@ def test_float32_exp_special_values():
     assert np.isnan(got[9])
 
 
+@numba.njit
+def _exp_nonpositive_all(x):
+    out = np.empty_like(x)
+    for i in range(x.shape[0]):
+        out[i] = exp_nonpositive(x[i])
+    return out
+
+
+def test_float32_exp_nonpositive_is_within_one_ulp_down_to_the_denormals():
+    x = np.linspace(-87.3, 0.0, 1_000_001, dtype=np.float32)
+    got = _exp_nonpositive_all(x).astype(np.float64)
+    exact = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(got / exact - 1)) < 1.2e-7
+    np.testing.assert_array_equal(_exp_nonpositive_all(x), _exp_all(x))
+
+
+def test_float32_exp_nonpositive_special_values():
+    x = np.array([-np.inf, -1e30, -88.0, -87.8, 0.0, -0.0, np.nan], np.float32)
+    got = _exp_nonpositive_all(x)
+    assert np.all(got[:4] == 0) and not np.signbit(got[:4]).any()
+    assert got[4] == 1 and got[5] == 1
+    assert np.isnan(got[6])
+
+
 def test_float64_exp_is_the_library_exp():
     x = np.linspace(-700, 700, 10001)
     np.testing.assert_allclose(_exp_all(x), np.exp(x), rtol=4e-16, atol=0)
+    x = x[x <= 0]
+    np.testing.assert_allclose(_exp_nonpositive_all(x), np.exp(x), rtol=4e-16, atol=0)
