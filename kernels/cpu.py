@@ -181,13 +181,15 @@ def online_softmax_row(scores, i, row_max, row_sum, acc_row):
 
 
 @parallel_jit
-def pack_panels(k, v, cols, key_panels, value_panels):
+def pack_panels(k, v, key_panels, value_panels):
     """Lay k and v out as the tiles read them, zero past the last key and value column:
     ``key_panels[n, p]`` holds k[n]^T for keys p*cols.. as (E, cols) row-major, and
-    ``value_panels[n, c]`` holds v[n][:, c*cols:(c+1)*cols] as (S, cols) row-major. Each tile row
-    is then one aligned run of 64 bytes (the caller aligns the panels), read in order."""
+    ``value_panels[n, c]`` holds v[n][:, c*cols:(c+1)*cols] as (S, cols) row-major (cols =
+    ``tile_cols``). Each tile row is then one aligned run of 64 bytes (the caller aligns the
+    panels), read in order."""
     N, S, E = k.shape
     Ev = v.shape[2]
+    cols = tile_cols(k.itemsize)  # a constant once compiled: whole panels copy in fixed loops
     n_panels = key_panels.shape[1]
     n_chunks = value_panels.shape[1]
     for item in prange(N * n_panels):
@@ -195,19 +197,30 @@ def pack_panels(k, v, cols, key_panels, value_panels):
         p = item % n_panels
         keys = min(cols, S - p * cols)
         panel = key_panels[n, p]
-        panel[:] = 0
-        for jj in range(keys):
-            for d in range(E):
-                panel[d * cols + jj] = k[n, p * cols + jj, d]
-        for c in range(n_chunks):
-            chunk = value_panels[n, c]
-            width = min(cols, Ev - c * cols)
+        k_rows = k[n].reshape(-1)[p * cols * E:(p * cols + keys) * E]
+        if keys == cols:
+            for jj in range(cols):
+                for d in range(E):
+                    panel[d * cols + jj] = k_rows[jj * E + d]
+        else:
+            panel[:] = 0
             for jj in range(keys):
-                row = (p * cols + jj) * cols
+                for d in range(E):
+                    panel[d * cols + jj] = k_rows[jj * E + d]
+    for item in prange(v.shape[0] * n_chunks):
+        n = item // n_chunks
+        c = item % n_chunks
+        chunk = value_panels[n, c]
+        width = min(cols, Ev - c * cols)
+        if width == cols:
+            for j in range(S):
+                for e in range(cols):
+                    chunk[j * cols + e] = v[n, j, c * cols + e]
+        else:
+            chunk[:] = 0
+            for j in range(S):
                 for e in range(width):
-                    chunk[row + e] = v[n, p * cols + jj, c * cols + e]
-                for e in range(width, cols):
-                    chunk[row + e] = 0.0
+                    chunk[j * cols + e] = v[n, j, c * cols + e]
 
 
 @jit
@@ -298,7 +311,7 @@ def attention(q, k, v, group, scale, causal, mask_add, mask_keep, mask_row_offse
     """
     N, L, E = q.shape
     cols = tile_cols(q.itemsize)
-    pack_panels(k, v, cols, key_panels, value_panels)
+    pack_panels(k, v, key_panels, value_panels)
     n_qblocks = (L + block_q - 1) // block_q
     for item in prange(N * n_qblocks):
         n = item // n_qblocks
