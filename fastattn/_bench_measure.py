@@ -36,6 +36,8 @@ MiB = 1024.0 * 1024.0
 # --- time --------------------------------------------------------------------------------------
 
 SETTLE_S = 0.15
+# Calls shorter than this get an untimed call right before each timed one (see time_interleaved).
+REWARM_BELOW_S = 0.1
 
 
 def time_interleaved(calls: dict, min_runs: int, min_time: float, max_runs: int,
@@ -44,11 +46,17 @@ def time_interleaved(calls: dict, min_runs: int, min_time: float, max_runs: int,
 
     Each callable is called once to warm up (not counted; its time sets how many calls fit in
     ``min_time``), then the callables take turns, so that a change in the machine's load hits
-    them all alike. Before each timed call the threads of the previous one are given
-    ``SETTLE_S`` to go idle: OpenBLAS's threads spin for about 0.1 s after a call, and would
-    otherwise steal the cores from whichever implementation is timed next. A callable whose ``min_runs`` calls would take longer than ``max_time`` gets
-    fewer, but at least 3 (or ``min_runs`` if smaller). ``on_call(done, planned, name)`` is told
-    of each call (for a progress bar).
+    them all alike. Before each turn the threads of the previous one are given ``SETTLE_S`` to go
+    idle: OpenBLAS's threads spin for about 0.1 s after a call, and would otherwise steal the
+    cores from whichever implementation is timed next. A thread pool that has gone idle is slow
+    to start again, though: on this project's virtual machine a parallel job of 4.6 ms took
+    5.5-10 ms after 0.05 s or more of idling (the virtual CPUs are descheduled), which would
+    swamp calls of a few ms. So a callable whose warm-up took less than ``REWARM_BELOW_S`` is
+    called once more, untimed, right before each timed call: its figure is the time of a call
+    made while the machine is busy with it, as in a model's forward loop. A callable whose
+    ``min_runs`` calls would take longer than ``max_time`` gets fewer, but at least 3 (or
+    ``min_runs`` if smaller). ``on_call(done, planned, name)`` is told of each call (for a
+    progress bar).
     """
     first, failed = {}, {}
     for name, fn in list(calls.items()):
@@ -80,6 +88,8 @@ def time_interleaved(calls: dict, min_runs: int, min_time: float, max_runs: int,
                 if on_call is not None:
                     on_call(done, planned, f"{name} {r + 1}/{runs[name]}")
                 time.sleep(SETTLE_S)
+                if first[name] < REWARM_BELOW_S:
+                    fn()
                 start = time.perf_counter()
                 result = fn()
                 times[name].append(time.perf_counter() - start)
