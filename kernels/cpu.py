@@ -223,28 +223,32 @@ def pack_panels(k, v, key_panels, value_panels):
                     chunk[j * cols + e] = v[n, j, c * cols + e]
 
 
+# Query rows per group: GROUP // ROWS register tiles share each key and value tile while it is in
+# the L1 cache.
+GROUP = 2 * ROWS
+
+
 @jit
-def attention_block(q, key_panels, value_panels, n, q0, q1, scale, causal, mask_add, mask_keep,
-                    mask_row_offset, mask_col_stride, mask_kind, block_k, out, lse):
-    """One work item of ``attention``: queries q0..q1 of head ``n`` against all keys and values
+def attention_block(q, key_panels, value_panels, S, n, q0, q1, scale, causal, mask_add,
+                    mask_keep, mask_row_offset, mask_col_stride, mask_kind, block_k, out, lse):
+    """One work item of ``attention``: queries q0..q1 of head ``n`` against the S keys and values
     of its key/value head, laid out in tiles in ``key_panels`` and ``value_panels`` (flat)."""
     _, L, E = q.shape
     Ev = out.shape[2]
     dtype = q.dtype
     cols = tile_cols(q.itemsize)
-    S = value_panels.shape[0] // (-(-Ev // cols) * cols)
     ev_padded = -(-Ev // cols) * cols
     keys_padded = -(-block_k // cols) * cols
     bq = q1 - q0
     # Zero padding to whole tiles: padded query rows and value columns compute harmless numbers
     # that are never read back.
-    rows_padded = -(-bq // ROWS) * ROWS
+    rows_padded = -(-bq // GROUP) * GROUP
     q_block = np.zeros((rows_padded, E), dtype)
     for i in range(bq):  # a loop, not an array assignment: its shape check costs seconds to compile
         for d in range(E):
             q_block[i, d] = q[n, q0 + i, d] * scale
     q_flat = q_block.reshape(-1)
-    scores = np.empty(ROWS * keys_padded, dtype)
+    scores = np.empty(GROUP * keys_padded, dtype)
     acc = np.zeros((rows_padded, ev_padded), dtype)
     acc_flat = acc.reshape(-1)
     row_max = np.full(rows_padded, -np.inf, dtype)
@@ -252,17 +256,19 @@ def attention_block(q, key_panels, value_panels, n, q0, q1, scale, causal, mask_
     # Top-left causal: query i sees keys j <= i, so blocks past the last row's key are skipped.
     k_end = min(S, q1) if causal else S
     for k0 in range(0, k_end, block_k):
-        for r0 in range(0, bq, ROWS):
-            rows = min(ROWS, bq - r0)
+        for r0 in range(0, bq, GROUP):
+            rows = min(GROUP, bq - r0)
             keys = min(block_k, k_end - k0)
             if causal:
                 keys = min(keys, q0 + r0 + rows - k0)
                 if keys <= 0:  # every key of the block comes after these queries
                     continue
-            # scores of ROWS queries against the block's keys, a tile of keys at a time
+            # scores of the group's queries against the block's keys, a tile of keys at a time
             for panel in range(-(-keys // cols)):
-                tile_product(q_flat, r0 * E, E, key_panels, (k0 // cols + panel) * E * cols, cols,
-                             scores, panel * cols, keys_padded, E)
+                for t0 in range(0, rows, ROWS):
+                    tile_product(q_flat, (r0 + t0) * E, E, key_panels,
+                                 (k0 // cols + panel) * E * cols, cols, scores,
+                                 t0 * keys_padded + panel * cols, keys_padded, E)
             diagonal = causal and k0 + keys - 1 > q0 + r0
             if mask_kind != 0 or diagonal:
                 for i in range(rows):
@@ -277,8 +283,10 @@ def attention_block(q, key_panels, value_panels, n, q0, q1, scale, causal, mask_
                                    row_sum, acc[r0 + i])
             # acc += weights @ v for the block, a tile of value columns at a time
             for c0 in range(0, ev_padded, cols):
-                tile_product_add(scores, 0, keys_padded, value_panels, (c0 * S + k0 * cols), cols,
-                                 acc_flat, r0 * ev_padded + c0, ev_padded, keys)
+                for t0 in range(0, rows, ROWS):
+                    tile_product_add(scores, t0 * keys_padded, keys_padded, value_panels,
+                                     c0 * S + k0 * cols, cols, acc_flat,
+                                     (r0 + t0) * ev_padded + c0, ev_padded, keys)
     for i in range(bq):
         total = row_sum[i]
         if total > 0 or total != total:
@@ -299,10 +307,10 @@ def attention(q, k, v, group, scale, causal, mask_add, mask_keep, mask_row_offse
 
     Each work item is one block of queries of one head; it walks the key/value blocks once,
     keeping per row the running max, the running sum of exp(score - max) and the accumulator
-    sum(exp(score - max) * v). Within a key block, ROWS queries at a time go through the three
+    sum(exp(score - max) * v). Within a key block, GROUP queries at a time go through the three
     steps (scores, online softmax, weighted values) while their scores sit in the L1 cache; the
     two products are register tiles (``_tile``) over k and v laid out once per call in tiles
-    (``pack_panels``). Causal attention stops each group of rows at its last row's key.
+    (``pack_panels``). Causal attention stops each group at its last row's key.
 
     ``block_k`` must be a multiple of the tile's columns (``tile_cols``). ``key_panels``
     (k.shape[0], ceil(S / cols), E * cols) and ``value_panels`` (v.shape[0], ceil(Ev / cols),
@@ -321,6 +329,6 @@ def attention(q, k, v, group, scale, causal, mask_add, mask_keep, mask_row_offse
         qb = qb // 2 if qb % 2 == 0 else n_qblocks - 1 - qb // 2
         q0 = qb * block_q
         attention_block(q, key_panels[n // group].reshape(-1),
-                        value_panels[n // group].reshape(-1), n, q0, min(q0 + block_q, L), scale,
-                        causal, mask_add, mask_keep, mask_row_offset, mask_col_stride, mask_kind,
-                        block_k, out, lse)
+                        value_panels[n // group].reshape(-1), k.shape[1], n, q0,
+                        min(q0 + block_q, L), scale, causal, mask_add, mask_keep, mask_row_offset,
+                        mask_col_stride, mask_kind, block_k, out, lse)

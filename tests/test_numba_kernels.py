@@ -139,3 +139,16 @@ def test_extra_memory_grows_with_L_not_L_squared(L, mask_kind):
     extra_mib = float(out.stdout.split()[-1])
     # the output (2 MiB at most) plus per-item blocks
     assert extra_mib < 12, f"one call grew the peak RSS by {extra_mib:.1f} MiB"
+
+
+def test_values_with_no_features_still_give_the_lse(rng):
+    # Ev = 0: no value tiles at all, yet every key still counts towards the log-sum-exp.
+    from fastattn import reference
+    q, k = (rng.standard_normal((2, 3, 40, 8)).astype(np.float32) for _ in range(2))
+    v = np.zeros((2, 3, 40, 0), np.float32)
+    for causal in (False, True):
+        out, lse = sdpa(q, k, v, is_causal=causal, return_lse=True, backend="numba")
+        _, expected = reference.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                             return_lse=True)
+        assert out.shape == (2, 3, 40, 0)
+        np.testing.assert_allclose(lse, expected, rtol=1e-6, atol=1e-6)
