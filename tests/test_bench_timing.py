@@ -1,0 +1,29 @@
+"""How the bench CLI times calls (fastattn._bench_measure.time_interleaved)."""
+import time
+
+from fastattn import _bench_impls, _bench_measure
+
+
+def test_short_calls_get_an_untimed_call_before_each_timed_one(monkeypatch):
+    monkeypatch.setattr(_bench_measure, "SETTLE_S", 0.0)
+    monkeypatch.setattr(_bench_measure, "REWARM_BELOW_S", 0.01)
+    counts = {"short": 0, "long": 0}
+
+    def short():
+        counts["short"] += 1
+
+    def long():
+        counts["long"] += 1
+        time.sleep(0.02)
+
+    def unavailable():
+        raise _bench_impls.Unavailable("not here")
+
+    result = _bench_measure.time_interleaved(
+        {"short": short, "long": long, "missing": unavailable}, min_runs=4, min_time=0.0,
+        max_runs=4)
+    # one warm-up each; then 4 timed calls, each of the short one preceded by an untimed one
+    assert counts == {"short": 1 + 2 * 4, "long": 1 + 4}
+    assert result["short"]["runs"] == 4 and result["long"]["runs"] == 4
+    assert result["long"]["median_s"] >= 0.02 > result["short"]["median_s"]
+    assert result["missing"] == {"skipped": "not here"}
