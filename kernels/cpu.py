@@ -168,12 +168,17 @@ def online_softmax_row(scores, i, row_max, row_sum, acc_row):
             scores[j] = s - s if s != -np.inf else 0.0
         row_sum[i] += scores.sum()
         return
-    alpha = exp_nonpositive(row_max[i] - new_max)
     block_sum = scores.dtype.type(0.0)
     for j in range(n):
         p = exp_nonpositive(scores[j] - new_max)
         scores[j] = p
         block_sum += p
+    if new_max == row_max[i]:
+        # The max held (the common case after the first blocks): the rescale factor is exactly
+        # 1, so skip computing it and the pass over the accumulator.
+        row_sum[i] += block_sum
+        return
+    alpha = exp_nonpositive(row_max[i] - new_max)
     row_sum[i] = row_sum[i] * alpha + block_sum
     row_max[i] = new_max
     for c in range(acc_row.shape[0]):
