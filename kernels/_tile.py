@@ -16,7 +16,7 @@ Arrays are flat, C-contiguous and addressed by element offsets: row ``r`` of ``a
 """
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic, register_jitable
+from numba.extending import intrinsic, overload, register_jitable
 
 ROWS = 6
 VECTORS = 2           # vectors per row of the tile
@@ -27,6 +27,19 @@ VECTOR_BYTES = 32     # one AVX2 register; on other machines LLVM splits or join
 def tile_cols(itemsize):
     """Columns of one tile for elements of ``itemsize`` bytes (16 for float32, 8 for float64)."""
     return VECTORS * VECTOR_BYTES // itemsize
+
+
+def tile_width(array):
+    """``tile_cols`` for the elements of ``array``, as a constant in compiled code (an array's
+    itemsize is read at run time, so loops over ``tile_cols(array.itemsize)`` columns have a trip
+    count LLVM does not know)."""
+    return tile_cols(array.itemsize)
+
+
+@overload(tile_width)
+def _tile_width_overload(array):
+    cols = VECTORS * VECTOR_BYTES // (array.dtype.bitwidth // 8)
+    return lambda array: cols
 
 
 def _make_tile_product(accumulate: bool):

@@ -18,7 +18,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import exp_nonpositive, jit, maxnum, parallel_jit
-from ._tile import ROWS, tile_cols, tile_product, tile_product_add
+from ._tile import ROWS, tile_cols, tile_product, tile_product_add, tile_width
 
 
 # --- shared row steps --------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def pack_panels(k, v, key_panels, value_panels):
     panels), read in order."""
     N, S, E = k.shape
     Ev = v.shape[2]
-    cols = tile_cols(k.itemsize)  # a constant once compiled: whole panels copy in fixed loops
+    cols = tile_width(k)  # a constant: whole panels copy in loops of known length
     n_panels = key_panels.shape[1]
     n_chunks = value_panels.shape[1]
     for item in prange(N * n_panels):
@@ -241,7 +241,7 @@ def attention_block(q, key_panels, value_panels, S, n, q0, q1, scale, causal, ma
     _, L, E = q.shape
     Ev = out.shape[2]
     dtype = q.dtype
-    cols = tile_cols(q.itemsize)
+    cols = tile_width(q)
     ev_padded = -(-Ev // cols) * cols
     keys_padded = -(-block_k // cols) * cols
     bq = q1 - q0
@@ -323,7 +323,7 @@ def attention(q, k, v, group, scale, causal, mask_add, mask_keep, mask_row_offse
     O(S), not O(L S).
     """
     N, L, E = q.shape
-    cols = tile_cols(q.itemsize)
+    cols = tile_width(q)
     pack_panels(k, v, key_panels, value_panels)
     n_qblocks = (L + block_q - 1) // block_q
     for item in prange(N * n_qblocks):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fastattn.kernels._jit import exp_nonpositive
-from fastattn.kernels._tile import ROWS, tile_cols, tile_product, tile_product_add
+from fastattn.kernels._tile import ROWS, tile_cols, tile_product, tile_product_add, tile_width
 
 
 @numba.njit
@@ -88,3 +88,16 @@ def test_float32_exp_special_values():
 def test_float64_exp_is_the_library_exp():
     x = np.linspace(-700, 0, 10001)
     np.testing.assert_allclose(_exp_all(x), np.exp(x), rtol=4e-16, atol=0)
+
+
+@numba.njit
+def _tile_width(a):
+    return tile_width(a)
+
+
+@pytest.mark.parametrize("dtype, cols", [(np.float32, 16), (np.float64, 8)])
+def test_tile_width_is_the_tile_columns_of_the_dtype(dtype, cols):
+    a = np.zeros(3, dtype)
+    assert tile_cols(a.itemsize) == cols
+    assert _tile_width(a) == cols  # compiled: a constant, and the same number
+    assert tile_width(a) == cols   # and in plain Python
