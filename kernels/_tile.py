@@ -16,7 +16,7 @@ Arrays are flat, C-contiguous and addressed by element offsets: row ``r`` of ``a
 """
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic, overload, register_jitable
+from numba.extending import intrinsic, register_jitable
 
 ROWS = 6
 VECTORS = 2           # vectors per row of the tile
@@ -29,17 +29,19 @@ def tile_cols(itemsize):
     return VECTORS * VECTOR_BYTES // itemsize
 
 
-def tile_width(array):
+@intrinsic
+def tile_width(typingctx, array):
     """``tile_cols`` for the elements of ``array``, as a constant in compiled code (an array's
     itemsize is read at run time, so loops over ``tile_cols(array.itemsize)`` columns have a trip
-    count LLVM does not know)."""
-    return tile_cols(array.itemsize)
-
-
-@overload(tile_width)
-def _tile_width_overload(array):
+    count LLVM does not know, and divisions by it stay divisions)."""
+    if not isinstance(array, types.Array) or not isinstance(array.dtype, types.Float):
+        return None
     cols = VECTORS * VECTOR_BYTES // (array.dtype.bitwidth // 8)
-    return lambda array: cols
+
+    def codegen(context, builder, signature, args):
+        return context.get_constant(types.intp, cols)
+
+    return types.intp(array), codegen
 
 
 def _make_tile_product(accumulate: bool):
