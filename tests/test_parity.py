@@ -1,7 +1,8 @@
 """Every backend against the float64 reference, over the cases the fused kernel must get right.
 
-Lengths are chosen not to be multiples of the kernel's blocks (128 queries x 256 keys), so
-partial blocks, several key blocks and the causal diagonal block are all exercised.
+Lengths are chosen not to be multiples of the numba kernel's blocks (256 or 512 queries, 512 keys:
+``fastattn._numba``) or tiles, so partial blocks, several key blocks and the causal diagonal block
+are all exercised.
 """
 import numpy as np
 import pytest
