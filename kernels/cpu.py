@@ -323,7 +323,6 @@ def attention(q, k, v, group, scale, causal, mask_add, mask_keep, mask_row_offse
     O(S), not O(L S).
     """
     N, L, E = q.shape
-    cols = tile_width(q)
     pack_panels(k, v, key_panels, value_panels)
     n_qblocks = (L + block_q - 1) // block_q
     for item in prange(N * n_qblocks):
