@@ -51,12 +51,12 @@ def time_interleaved(calls: dict, min_runs: int, min_time: float, max_runs: int,
     cores from whichever implementation is timed next. A thread pool that has gone idle is slow
     to start again, though: on this project's virtual machine a parallel job of 4.6 ms took
     5.5-10 ms after 0.05 s or more of idling (a serial one did not slow down, so it is most
-    likely the idle virtual CPU being woken), which would swamp calls of a few ms. So a callable whose warm-up took less than ``REWARM_BELOW_S`` is
-    called once more, untimed, right before each timed call: its figure is the time of a call
-    made while the machine is busy with it, as in a model's forward loop. A callable whose
-    ``min_runs`` calls would take longer than ``max_time`` gets fewer, but at least 3 (or
-    ``min_runs`` if smaller). ``on_call(done, planned, name)`` is told of each call (for a
-    progress bar).
+    likely the idle virtual CPU being woken), which would swamp calls of a few ms. So a callable
+    whose warm-up took less than ``REWARM_BELOW_S`` is called once more, untimed, right before
+    each timed call: its figure is the time of a call made while the machine is busy with it, as
+    in a model's forward loop. A callable whose ``min_runs`` calls would take longer than
+    ``max_time`` gets fewer, but at least 3 (or ``min_runs`` if smaller). ``on_call(done,
+    planned, name)`` is told of each call (for a progress bar).
     """
     first, failed = {}, {}
     for name, fn in list(calls.items()):
