@@ -17,7 +17,7 @@ try:
 except ImportError:  # run from a source checkout without installing: use the tree
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastattn import _bench_impls as impls  # noqa: E402
+from fastattn.bench import impls  # noqa: E402
 
 
 def pytest_configure(config):

@@ -11,8 +11,8 @@ against the plain formula, so that a benchmark never times a wrong answer.
 import numpy as np
 import pytest
 
-from fastattn import _bench_impls as impls
-from fastattn._bench_impls import Problem
+from fastattn.bench import impls
+from fastattn.bench.impls import Problem
 
 # (name, problem without length/dtype, quick length, full length)
 VARIANTS = [

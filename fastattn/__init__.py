@@ -7,10 +7,35 @@
 Public API: :func:`scaled_dot_product_attention`, :func:`attention_weights`, :func:`softmax`,
 :func:`similarity`, :func:`backends`; :mod:`fastattn.reference` is the NumPy oracle.
 """
-from . import reference
-from ._api import attention_weights, scaled_dot_product_attention, similarity, softmax
-from ._backends import BackendUnavailableError, backends
-from .mha import MultiHeadAttention, multi_head_attention
+import importlib.util as _util
+import os as _os
+import sys as _sys
+
+
+def _kernels_from_source_tree() -> None:
+    # Installed, the kernels are the subpackage fastattn/kernels (setup.py maps kernels/ there).
+    # In a source checkout imported directly (python -m fastattn run from the repository root,
+    # or the repository on PYTHONPATH) they sit in kernels/ beside this package: load them
+    # under the same name, so that both layouts run the same code.
+    if _util.find_spec(__name__ + ".kernels") is not None:
+        return
+    where = _os.path.join(_os.path.dirname(_os.path.dirname(__file__)), "kernels")
+    init = _os.path.join(where, "__init__.py")
+    if not _os.path.isfile(init):
+        return
+    spec = _util.spec_from_file_location(__name__ + ".kernels", init,
+                                         submodule_search_locations=[where])
+    module = _util.module_from_spec(spec)
+    _sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+
+
+_kernels_from_source_tree()
+
+from . import reference  # noqa: E402
+from ._api import attention_weights, scaled_dot_product_attention, similarity, softmax  # noqa: E402
+from ._backends import BackendUnavailableError, backends  # noqa: E402
+from .mha import MultiHeadAttention, multi_head_attention  # noqa: E402
 
 __version__ = "0.1.0"
 

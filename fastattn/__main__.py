@@ -10,14 +10,26 @@ COMMANDS = {
 }
 
 
+def usage() -> str:
+    lines = ["usage: python -m fastattn {demo,info,bench} [options]   (or --version, --help)", ""]
+    lines += [f"  {name:6} {what}" for name, what in COMMANDS.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: python -m fastattn {demo,info,bench} [options]\n")
-        for name, what in COMMANDS.items():
-            print(f"  {name:6} {what}")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+        print(f"fastattn {__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"python -m fastattn: unknown command {command!r}; the commands are "
+              f"{', '.join(COMMANDS)}\n\n{usage()}", file=sys.stderr)
+        return 2
     if command == "demo":
         from .demo import main as run
     elif command == "info":

@@ -12,19 +12,43 @@ class BackendUnavailableError(RuntimeError):
     """The backend asked for cannot run here (missing package, no GPU); the message says why."""
 
 
+def _numba_cuda_installed() -> bool:
+    try:
+        from importlib.metadata import version
+        version("numba-cuda")
+        return True
+    except Exception:
+        return False
+
+
+def _cuda_driver_loads() -> bool:
+    import ctypes
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll", "libcuda.dylib"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 @functools.lru_cache(maxsize=None)
 def cuda_unavailable_reason() -> str | None:
-    """None when a CUDA GPU is usable, else why not. Never compiles a kernel."""
+    """None when a CUDA GPU is usable, else exactly what is missing. Never compiles a kernel."""
     if importlib.util.find_spec("numba") is None:
         return "numba is not installed"
+    if not _numba_cuda_installed():
+        return "numba-cuda is not installed (pip install 'fastattn[cuda]')"
     try:
         from numba import cuda
     except Exception as exc:  # pragma: no cover - depends on the install
         return f"numba.cuda cannot be imported: {exc}"
     try:
         if not cuda.is_available():
-            return ("no CUDA driver or device found (install fastattn[cuda] and an NVIDIA "
-                    "driver; for testing without a GPU set NUMBA_ENABLE_CUDASIM=1)")
+            if not _cuda_driver_loads():
+                return ("numba-cuda is installed, but no NVIDIA driver was found (libcuda); for "
+                        "testing without a GPU set NUMBA_ENABLE_CUDASIM=1")
+            return "numba-cuda and the NVIDIA driver are installed, but the driver sees no GPU"
     except Exception as exc:  # pragma: no cover - driver errors
         return f"the CUDA driver failed: {exc}"
     return None

@@ -1,6 +1,7 @@
 """The ``numba`` backend: runs the CPU kernels on prepared problems (see ``_prepare``)."""
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
@@ -27,7 +28,41 @@ _lock = threading.Lock()
 
 def _kernels():
     from .kernels import cpu  # compiled lazily on first use, loaded from Numba's cache after
+    _announce_compiles()
     return cpu
+
+
+# What a user waits for when a kernel compiles (measured on a 2-core Zen 3; see the README's "JIT
+# cost"), said once per kernel and dtype, and only when Numba's cache does not have it.
+COMPILE_SECONDS = {"attention": 15, "attention_weights": 3, "softmax": 2, "similarity": 2}
+_announced = set()
+
+
+def _announce_compiles() -> None:
+    if _announced:
+        return
+    _announced.add(None)
+    from numba.core import event
+
+    class CompileNotice(event.Listener):
+        def on_start(self, ev):
+            dispatcher = ev.data["dispatcher"]
+            name = dispatcher.py_func.__name__
+            module = getattr(dispatcher.py_func, "__module__", "") or ""
+            if name not in COMPILE_SECONDS or not module.startswith(__package__ + ".kernels.cpu"):
+                return
+            dtype = next((str(t.dtype) for t in ev.data["args"] if hasattr(t, "dtype")), "")
+            if (name, dtype) in _announced:
+                return
+            _announced.add((name, dtype))
+            print(f"fastattn: compiling the CPU kernel {name!r} for {dtype} once (about "
+                  f"{COMPILE_SECONDS[name]} s); later runs load it from Numba's cache",
+                  file=sys.stderr, flush=True)
+
+        def on_end(self, ev):
+            pass
+
+    event.register("numba:compile", CompileNotice())
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -43,16 +78,16 @@ _NO_KEEP = np.zeros(1, np.uint8)
 
 
 def _mask_args(mask: Mask | None, dtype):
-    """(mask_add, mask_keep, mask_row_offset, mask_col_stride, mask_kind) for the kernels; the
-    array a kind does not use is a one-element stand-in, so each dtype compiles once."""
-    no_add = np.zeros(1, dtype)
+    """The mask as the kernels read it (a ``MaskArgs``)."""
+    MaskArgs = _kernels().MaskArgs
+    no_add = _readonly(np.zeros(1, dtype))
     if mask is None:
-        return _readonly(no_add), _readonly(_NO_KEEP), _readonly(_NO_ROWS), 0, 0
+        return MaskArgs(no_add, _readonly(_NO_KEEP), _readonly(_NO_ROWS), 0, 0)
     if mask.is_bool:
-        return (_readonly(no_add), _readonly(mask.values), _readonly(mask.row_offset),
-                mask.col_stride, 1)
-    return (_readonly(mask.values), _readonly(_NO_KEEP), _readonly(mask.row_offset),
-            mask.col_stride, 2)
+        return MaskArgs(no_add, _readonly(mask.values), _readonly(mask.row_offset),
+                        mask.col_stride, 1)
+    return MaskArgs(_readonly(mask.values), _readonly(_NO_KEEP), _readonly(mask.row_offset),
+                    mask.col_stride, 2)
 
 
 # Smaller query blocks for small problems, so there are work items for every thread. A constant,
@@ -114,7 +149,7 @@ def attention(p: AttentionProblem, want_lse: bool):
             key_panels, value_panels = _scratch_arrays(
                 [(n_kv, -(-S // cols), E * cols), (n_kv, -(-Ev // cols), S * cols)], p.dtype)
             cpu.attention(_readonly(p.q), _readonly(p.k), _readonly(p.v), p.group,
-                          p.dtype.type(p.scale), p.causal, *_mask_args(p.mask, p.dtype),
+                          p.dtype.type(p.scale), p.causal, _mask_args(p.mask, p.dtype),
                           query_block(N, L, p.causal), BLOCK_K, key_panels, value_panels, out,
                           lse)
     return out, (lse if want_lse else None)
@@ -127,7 +162,7 @@ def attention_weights(p: AttentionProblem):
         cpu = _kernels()
         with _lock, _blas.single_threaded_blas():
             cpu.attention_weights(_readonly(p.q), _readonly(p.k), p.group, p.dtype.type(p.scale),
-                                  p.causal, *_mask_args(p.mask, p.dtype),
+                                  p.causal, _mask_args(p.mask, p.dtype),
                                   query_block(N, L, p.causal), out)
     return out
 
@@ -137,7 +172,7 @@ def softmax(rows: np.ndarray, mask: Mask | None):
     if out.size:
         cpu = _kernels()
         with _lock:
-            cpu.softmax(_readonly(rows), *_mask_args(mask, rows.dtype), SOFTMAX_ROWS, out)
+            cpu.softmax(_readonly(rows), _mask_args(mask, rows.dtype), SOFTMAX_ROWS, out)
     return out
 
 

@@ -16,6 +16,7 @@ WORDS_2D = {"cherry": (1.0, 4.0), "orange": (0.0, 3.0), "phone": (3.0, 0.0)}
 WORDS_3D = {"orange": (0.0, 3.0, 0.0), "phone": (4.0, 0.0, 0.0), "apple": (2.0, 2.0, 0.0),
             "and": (0.0, 0.0, 2.0), "an": (0.0, 0.0, 3.0)}
 APPLE_2D = np.array([2.0, 2.0])
+PLOT_FILE = "fastattn-demo.png"
 CONTEXTS_2D = {"an apple and an orange": ("orange", np.array([0.0, 3.0])),
                "an apple phone": ("phone", np.array([4.0, 0.0]))}
 
@@ -72,7 +73,8 @@ def worked_example() -> str:
     return "\n".join(out)
 
 
-def plot(path: str) -> None:
+def figure():
+    """The 2-d words and the moves of apple, as a matplotlib figure (title and labels inside)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -94,8 +96,16 @@ def plot(path: str) -> None:
     ax.set_ylim(-0.5, 5)
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
-    ax.set_title("Attention moves apple toward its context (cosine, scale 1)")
+    ax.set_xlabel("feature 1")
+    ax.set_ylabel("feature 2")
+    ax.set_title("Attention moves apple toward its context\n(cosine similarity, scale 1)",
+                 fontsize=11)
     fig.tight_layout()
+    return fig
+
+
+def plot(path: str) -> None:
+    fig = figure()
     fig.savefig(path, dpi=120)
     print(f"\nplot written to {path}")
 
@@ -128,7 +138,8 @@ def timing(batch=1, heads=8, length=1024, dim=64) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastattn demo", description=__doc__)
-    parser.add_argument("--plot", metavar="FILE.png", help="draw the 2-d words and apple's moves")
+    parser.add_argument("--plot", metavar="FILE.png", nargs="?", const=PLOT_FILE,
+                        help=f"draw the 2-d words and apple's moves (default file: {PLOT_FILE})")
     parser.add_argument("--no-timing", action="store_true", help="skip the timing section")
     args = parser.parse_args(argv)
     np.set_printoptions(precision=3, suppress=True)

@@ -1,7 +1,7 @@
 """How the bench CLI times calls (fastattn._bench_measure.time_interleaved)."""
 import time
 
-from fastattn import _bench_impls, _bench_measure
+from fastattn.bench import impls as _bench_impls, measure as _bench_measure
 
 
 def test_short_calls_get_an_untimed_call_before_each_timed_one(monkeypatch):

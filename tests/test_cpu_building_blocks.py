@@ -7,8 +7,8 @@ import numba
 import numpy as np
 import pytest
 
-from fastattn.kernels._jit import exp_nonpositive
-from fastattn.kernels._tile import ROWS, tile_cols, tile_product, tile_product_add, tile_width
+from fastattn.kernels.cpu._jit import exp_nonpositive
+from fastattn.kernels.cpu.tile import ROWS, tile_cols, tile_product, tile_product_add, tile_width
 
 
 @numba.njit

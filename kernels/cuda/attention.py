@@ -18,64 +18,11 @@ has none).
 import functools
 import math
 from types import SimpleNamespace
-from typing import NamedTuple
 
 import numpy as np
 from numba import cuda  # the name must stay `cuda`: the simulator swaps it in these globals
 
-try:
-    from numba.cuda.core.config import ENABLE_CUDASIM as _SIMULATOR
-except ImportError:  # pragma: no cover - older numba-cuda
-    from numba.core.config import ENABLE_CUDASIM as _SIMULATOR
-
-
-class Tiles(NamedTuple):
-    """Compile-time tile shapes of the attention and similarity kernels."""
-    block_q: int          # query rows per thread block
-    block_k: int          # keys per step of the key loop
-    rows_per_thread: int  # query rows each thread owns
-    threads_per_row: int  # threads sharing a query row
-    chunk: int            # features (and value rows) staged through shared memory at a time
-    block_v: int          # value columns per block; more blocks along grid y cover the rest
-
-    @property
-    def threads(self) -> int:
-        return self.block_q // self.rows_per_thread * self.threads_per_row
-
-    def shared_bytes(self, itemsize: int) -> int:
-        """Static shared memory of the attention kernel (the largest)."""
-        BQ, BK, _, TX, CH, BV = self
-        return itemsize * (CH * (BQ + 1) + CH * (BK + 1) + BQ * (BK + 1) + CH * BV + BQ * (TX + 1))
-
-    def check(self, itemsize: int = 4) -> "Tiles":
-        ok = (self.block_q % self.rows_per_thread == 0 and self.block_k % self.threads_per_row == 0
-              and self.block_v % self.threads_per_row == 0 and self.block_k % self.chunk == 0
-              and min(self) > 0)
-        if not ok:
-            raise ValueError(f"inconsistent tiles {self}")
-        if self.shared_bytes(itemsize) > 48 * 1024:
-            raise ValueError(f"tiles {self} need {self.shared_bytes(itemsize)} bytes of shared "
-                             f"memory for {itemsize}-byte values; static shared memory ends at "
-                             f"48 KiB")
-        return self
-
-
-class RowTiles(NamedTuple):
-    """Compile-time shape of the softmax kernel: rows per block, threads sharing a row."""
-    rows_per_block: int
-    threads_per_row: int
-
-    @property
-    def threads(self) -> int:
-        return self.rows_per_block * self.threads_per_row
-
-
-def _device(fn):
-    # forceinline lets NVVM keep the callers' small local arrays in registers; the simulator's
-    # jit takes no such option.
-    if _SIMULATOR:
-        return cuda.jit(device=True)(fn)
-    return cuda.jit(device=True, forceinline=True)(fn)
+from ._common import Tiles, _device
 
 
 @functools.lru_cache(maxsize=None)
@@ -421,67 +368,3 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
 
     return SimpleNamespace(similarity=similarity, attention_weights=attention_weights,
                            attention=attention)
-
-
-@functools.lru_cache(maxsize=None)
-def softmax_kernel(tiles: RowTiles, compute: np.dtype):
-    """Row-wise softmax with an optional bool mask, x, mask and out read through row layouts."""
-    RB, TX = tiles
-    ct = np.dtype(compute).type
-    zero, one, neg_inf = ct(0), ct(1), ct(-np.inf)
-
-    @cuda.jit
-    def softmax(x, x_outer, x_rs, x_cs, m, m_outer, m_rs, m_cs, has_mask, inner, R, C,
-                out, o_outer, o_rs, o_cs):
-        """Row r is (outer r // inner, inner r % inner); grid: rows / RB blocks of RB x TX."""
-        sMax = cuda.shared.array((RB, TX), ct)
-        sSum = cuda.shared.array((RB, TX), ct)
-        tid = cuda.threadIdx.x
-        ty = tid // TX
-        tx = tid % TX
-        r = cuda.blockIdx.x * RB + ty
-        x_row = 0
-        m_row = 0
-        # this thread's columns: running max and sum of exp(x - max), in one read
-        run_max = neg_inf
-        run_sum = zero
-        if r < R:
-            x_row = x_outer[r // inner] + r % inner * x_rs
-            if has_mask:
-                m_row = m_outer[r // inner] + r % inner * m_rs
-            for j in range(tx, C, TX):
-                val = ct(x[x_row + j * x_cs])
-                if has_mask and not m[m_row + j * m_cs]:
-                    val = neg_inf
-                if val > run_max:
-                    run_sum = run_sum * math.exp(run_max - val) + one
-                    run_max = val
-                elif val != neg_inf:  # a NaN makes the sum NaN
-                    run_sum += math.exp(val - run_max)
-        sMax[ty, tx] = run_max
-        sSum[ty, tx] = run_sum
-        cuda.syncthreads()
-        if r < R:
-            # combine the row's threads
-            row_max = neg_inf
-            for t in range(TX):
-                row_max = max(row_max, sMax[ty, t])
-            total = zero
-            for t in range(TX):
-                part = sSum[ty, t]
-                if sMax[ty, t] != neg_inf:
-                    part = part * math.exp(sMax[ty, t] - row_max)
-                total += part
-            inv = one / total if total > zero or total != total else zero
-            o_row = o_outer[r // inner] + r % inner * o_rs
-            for j in range(tx, C, TX):
-                w = zero
-                if inv != inv:
-                    w = inv
-                elif row_max != neg_inf:
-                    val = ct(x[x_row + j * x_cs])
-                    if not (has_mask and not m[m_row + j * m_cs]):
-                        w = math.exp(val - row_max) * inv
-                out[o_row + j * o_cs] = w
-
-    return softmax

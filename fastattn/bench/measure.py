@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from . import _bench_impls as impls
+from . import impls
 
 MiB = 1024.0 * 1024.0
 
@@ -245,7 +245,7 @@ def measure_memory(cases: list[dict], threads: int | None, on_result=None) -> di
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     job = json.dumps({"threads": threads, "cases": cases})
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from fastattn._bench_measure import _worker_main; _worker_main()"],
+        [sys.executable, "-c", "from fastattn.bench.measure import _worker_main; _worker_main()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     proc.stdin.write(job)
     proc.stdin.close()
@@ -339,7 +339,7 @@ def _blas_pools() -> list[str]:
 
 def system_header(threads: int | None) -> dict:
     """What makes figures comparable: CPU, threads, threading layer, BLAS and versions."""
-    from . import info
+    from .. import info
 
     base = info.collect()
     model, flags = _cpu_model_and_flags()
@@ -368,3 +368,16 @@ def system_header(threads: int | None) -> dict:
         if var in os.environ:
             header[var] = os.environ[var]
     return header
+
+
+def busy_warning() -> str | None:
+    """A warning when other work is running (load average above half the cores): the figures of
+    this run will be low, and its ratios noisier."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= cores / 2:
+        return None
+    return (f"the machine is busy (load average {load:.2f} on {cores} cores): other work is "
+            f"taking the cores, so the figures of this run will be low; stop it and rerun for "
+            f"figures like the README's")

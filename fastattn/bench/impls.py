@@ -176,14 +176,14 @@ def nbytes(result) -> int:
 def available(impl: str) -> str | None:
     """None if ``impl`` can run here at all, else why not (problem-specific checks come later)."""
     if impl == "numba":
-        from ._backends import numba_unavailable_reason
+        from .._backends import numba_unavailable_reason
         return numba_unavailable_reason()
     if impl == "torch" and importlib.util.find_spec("torch") is None:
         return "PyTorch is not installed (pip install torch)"
     if impl == "scipy" and importlib.util.find_spec("scipy") is None:
         return "SciPy is not installed"
     if impl == "cuda":
-        from ._backends import cuda_unavailable_reason
+        from .._backends import cuda_unavailable_reason
         return cuda_unavailable_reason()
     return None
 

@@ -1,16 +1,11 @@
-"""Fused attention kernels for the CPU (Numba, parallel).
+"""The fused attention kernel for the CPU (Numba, parallel): flash-style, never storing the L x S
+scores.
 
-All kernels take prepared input (see ``fastattn._prepare``): C-contiguous arrays in the compute
-dtype with the leading dims flattened, query head ``n`` using key/value head ``n // group``, and an
-optional mask read in place: for score row ``r`` and key ``j`` the mask element is
-``mask_row_offset[r] + j * mask_col_stride`` of ``mask_keep`` (``mask_kind`` 1: a bool mask as bytes,
-0 drops the key) or of ``mask_add`` (``mask_kind`` 2: a float mask, added to the score);
-``mask_kind`` 0 is no mask. Outputs are written into arrays the caller allocates.
-
-The fused attention kernel computes its block products with its own register tiles
-(``_tile``). The kernels that return whole matrices (``similarity``, ``attention_weights``) go
-through ``np.dot`` (SciPy's BLAS); the caller must keep that BLAS single-threaded while they run:
-they already use every core through ``prange``.
+It takes prepared input (see ``fastattn._prepare``): C-contiguous arrays in the compute dtype with
+the leading dims flattened, query head ``n`` using key/value head ``n // group``, and a mask read
+in place (a ``MaskArgs``, see ``options``). Outputs are written into arrays the caller allocates.
+Its block products are register tiles (``tile``), with no BLAS call inside, so results do not
+depend on the thread count.
 """
 import math
 
@@ -18,140 +13,9 @@ import numpy as np
 from numba import prange
 
 from ._jit import exp_nonpositive, jit, maxnum, parallel_jit
-from ._tile import ROWS, tile_cols, tile_product, tile_product_add, tile_width
+from .rows import apply_mask_row, mask_after
+from .tile import ROWS, tile_product, tile_product_add, tile_width
 
-
-# --- shared row steps --------------------------------------------------------------------------
-# Each works on one row of scores as a contiguous 1-d array, so that LLVM vectorises its loops.
-
-@jit
-def apply_mask_row(row, r, col0, mask_add, mask_keep, mask_row_offset, mask_col_stride,
-                   mask_kind):
-    """Apply the mask to ``row``, the keys from ``col0`` on of row ``r`` of the flattened
-    (rows, cols) problem."""
-    if mask_kind == 0:
-        return
-    n = row.shape[0]
-    base = mask_row_offset[r] + col0 * mask_col_stride
-    # Contiguous slices and selects rather than branches, so that the loops vectorise (an index
-    # like base + j may be negative as far as Numba knows, and its wraparound check would not).
-    if mask_col_stride == 1:  # a row of the mask itself
-        if mask_kind == 1:
-            keep = mask_keep[base:base + n]
-            for j in range(n):
-                row[j] = row[j] if keep[j] != 0 else -np.inf
-        else:
-            add = mask_add[base:base + n]
-            for j in range(n):
-                row[j] += add[j]
-    elif mask_col_stride == 0:  # one mask value for the whole row (broadcast along the keys)
-        if mask_kind == 1:
-            if mask_keep[base] == 0:
-                row[:] = -np.inf
-        else:
-            value = mask_add[base]
-            for j in range(n):
-                row[j] += value
-    else:  # a softmax along another axis of the mask
-        if mask_kind == 1:
-            for j in range(n):
-                row[j] = row[j] if mask_keep[base + j * mask_col_stride] != 0 else -np.inf
-        else:
-            for j in range(n):
-                row[j] += mask_add[base + j * mask_col_stride]
-
-
-@jit
-def mask_after(row, first_masked):
-    """Causal mask: the keys of ``row`` from index ``first_masked`` on come after the query."""
-    for j in range(max(first_masked, 0), row.shape[0]):
-        row[j] = -np.inf
-
-
-@jit
-def softmax_row_inplace(row):
-    """Stable softmax of one row in place; a row with nothing kept (all -inf) becomes zeros."""
-    n = row.shape[0]
-    row_max = row.dtype.type(-np.inf)
-    for j in range(n):
-        row_max = maxnum(row_max, row[j])
-    if row_max == -np.inf:
-        for j in range(n):
-            # -inf -> 0; a NaN stays NaN and so does the row, below
-            row[j] = row[j] - row[j] if row[j] != -np.inf else 0.0
-    row_sum = row.dtype.type(0.0)
-    for j in range(n):
-        e = exp_nonpositive(row[j] - row_max) if row_max != -np.inf else row[j]
-        row[j] = e
-        row_sum += e
-    if row_sum != row_sum:
-        for j in range(n):
-            row[j] = np.nan
-    elif row_sum > 0:
-        inv = 1 / row_sum
-        for j in range(n):
-            row[j] *= inv
-
-
-# --- softmax -----------------------------------------------------------------------------------
-
-@parallel_jit
-def softmax(x, mask_add, mask_keep, mask_row_offset, mask_col_stride, mask_kind, block_rows,
-            out):
-    """Row-wise softmax of ``x`` (rows, cols) into ``out``."""
-    rows, cols = x.shape
-    n_blocks = (rows + block_rows - 1) // block_rows
-    for b in prange(n_blocks):
-        for r in range(b * block_rows, min((b + 1) * block_rows, rows)):
-            row = out[r]
-            for j in range(cols):  # not row[:] = x[r]: its shape check takes seconds to compile
-                row[j] = x[r, j]
-            apply_mask_row(row, r, 0, mask_add, mask_keep, mask_row_offset, mask_col_stride,
-                           mask_kind)
-            softmax_row_inplace(row)
-
-
-# --- similarity --------------------------------------------------------------------------------
-
-@parallel_jit
-def similarity(a, b, scale, block_rows, out):
-    """out[n] = scale * a[n] @ b[n].T for a (N, La, E), b (N, Lb, E), out (N, La, Lb)."""
-    N, La, _ = a.shape
-    n_blocks = (La + block_rows - 1) // block_rows
-    for item in prange(N * n_blocks):
-        n = item // n_blocks
-        r0 = (item % n_blocks) * block_rows
-        r1 = min(r0 + block_rows, La)
-        block = out[n, r0:r1]
-        np.dot(a[n, r0:r1], b[n].T, block)
-        if scale != 1:
-            block *= scale
-
-
-# --- attention weights (the full L x S matrix, for inspection) --------------------------------
-
-@parallel_jit
-def attention_weights(q, k, group, scale, causal, mask_add, mask_keep, mask_row_offset,
-                      mask_col_stride, mask_kind, block_q, out):
-    """softmax(scale * q k^T + mask) into out (N, L, S)."""
-    N, L, _ = q.shape
-    n_qblocks = (L + block_q - 1) // block_q
-    for item in prange(N * n_qblocks):
-        n = item // n_qblocks
-        q0 = (item % n_qblocks) * block_q
-        q1 = min(q0 + block_q, L)
-        scores = out[n, q0:q1]
-        np.dot(q[n, q0:q1] * scale, k[n // group].T, scores)
-        for i in range(q1 - q0):
-            row = scores[i]
-            apply_mask_row(row, n * L + q0 + i, 0, mask_add, mask_keep, mask_row_offset,
-                           mask_col_stride, mask_kind)
-            if causal:  # top-left: query i sees keys j <= i
-                mask_after(row, q0 + i + 1)
-            softmax_row_inplace(row)
-
-
-# --- fused attention ---------------------------------------------------------------------------
 
 @jit
 def online_softmax_row(scores, i, row_max, row_sum, acc_row):
@@ -234,8 +98,8 @@ GROUP = 2 * ROWS
 
 
 @jit
-def attention_block(q, key_panels, value_panels, S, n, q0, q1, scale, causal, mask_add,
-                    mask_keep, mask_row_offset, mask_col_stride, mask_kind, block_k, out, lse):
+def attention_block(q, key_panels, value_panels, S, n, q0, q1, scale, causal, mask, block_k, out,
+                    lse):
     """One work item of ``attention``: queries q0..q1 of head ``n`` against the S keys and values
     of its key/value head, laid out in tiles in ``key_panels`` and ``value_panels`` (flat)."""
     _, L, E = q.shape
@@ -275,12 +139,11 @@ def attention_block(q, key_panels, value_panels, S, n, q0, q1, scale, causal, ma
                                  (k0 // cols + panel) * E * cols, cols, scores,
                                  t0 * keys_padded + panel * cols, keys_padded, E)
             diagonal = causal and k0 + keys - 1 > q0 + r0
-            if mask_kind != 0 or diagonal:
+            if mask.kind != 0 or diagonal:
                 for i in range(rows):
                     row = scores[i * keys_padded:i * keys_padded + keys]
                     query = q0 + r0 + i
-                    apply_mask_row(row, n * L + query, k0, mask_add, mask_keep, mask_row_offset,
-                                   mask_col_stride, mask_kind)
+                    apply_mask_row(row, n * L + query, k0, mask)
                     if diagonal:
                         mask_after(row, query + 1 - k0)
             for i in range(rows):
@@ -306,15 +169,15 @@ def attention_block(q, key_panels, value_panels, S, n, q0, q1, scale, causal, ma
 
 
 @parallel_jit
-def attention(q, k, v, group, scale, causal, mask_add, mask_keep, mask_row_offset, mask_col_stride,
-              mask_kind, block_q, block_k, key_panels, value_panels, out, lse):
+def attention(q, k, v, group, scale, causal, mask, block_q, block_k, key_panels, value_panels,
+              out, lse):
     """Flash-style attention: out (N, L, Ev) and lse (N, L), never storing the L x S scores.
 
     Each work item is one block of queries of one head; it walks the key/value blocks once,
     keeping per row the running max, the running sum of exp(score - max) and the accumulator
     sum(exp(score - max) * v). Within a key block, GROUP queries at a time go through the three
     steps (scores, online softmax, weighted values) while their scores sit in the L1 cache; the
-    two products are register tiles (``_tile``) over k and v laid out once per call in tiles
+    two products are register tiles (``tile``) over k and v laid out once per call in tiles
     (``pack_panels``). Causal attention stops each group at its last row's key.
 
     ``block_k`` must be a multiple of the tile's columns (``tile_cols``). ``key_panels``
@@ -334,5 +197,4 @@ def attention(q, k, v, group, scale, causal, mask_add, mask_keep, mask_row_offse
         q0 = qb * block_q
         attention_block(q, key_panels[n // group].reshape(-1),
                         value_panels[n // group].reshape(-1), k.shape[1], n, q0,
-                        min(q0 + block_q, L), scale, causal, mask_add, mask_keep, mask_row_offset,
-                        mask_col_stride, mask_kind, block_k, out, lse)
+                        min(q0 + block_q, L), scale, causal, mask, block_k, out, lse)

@@ -17,10 +17,10 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import _bench_impls as impls
-from . import _bench_measure as measure
-from . import _bench_report as report
-from ._bench_impls import Problem
+from . import impls
+from . import measure
+from . import report
+from .impls import Problem
 
 DEFAULT_LENGTHS = (1024, 4096, 8192)
 QUICK_LENGTHS = (1024, 2048)
@@ -253,6 +253,13 @@ class Progress:
     def advance(self):
         self.done += 1
 
+    def message(self, text: str):
+        """A line for the user, shown whether or not the bar is."""
+        if self.tty:
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            self.stream.write("\r" + " " * width + "\r")
+        print(text, file=self.stream, flush=True)
+
     def close(self):
         if self.tty:
             width = shutil.get_terminal_size((100, 20)).columns - 1
@@ -321,6 +328,10 @@ def run(args) -> dict:
         with measure.threads_limited(args.threads):
             progress.step("the machine")
             header = measure.system_header(args.threads)
+            busy = measure.busy_warning()
+            if busy:
+                header["warning"] = busy
+                progress.message(f"warning: {busy}")
             progress.show(0.5, "JIT: fastattn's first call in a new process")
             header.update(_jit_times(args, cold=args.jit or args.full))
             results["header"] = header

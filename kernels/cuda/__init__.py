@@ -1,0 +1,14 @@
+"""The CUDA kernels (``numba.cuda``), one module per kernel family.
+
+- ``attention``: ``attention_kernels(tiles, dtype)``, the fused attention, attention-weights and
+  similarity kernels for one tile shape;
+- ``softmax``: ``softmax_kernel(tiles, dtype)``;
+- ``_common``: the tile shapes (``Tiles``, ``RowTiles``) and the device-function decorator.
+
+Importing compiles nothing: the factories build (and cache) kernels, which compile on first launch.
+"""
+from ._common import _SIMULATOR, RowTiles, Tiles
+from .attention import attention_kernels
+from .softmax import softmax_kernel
+
+__all__ = ["Tiles", "RowTiles", "attention_kernels", "softmax_kernel"]
