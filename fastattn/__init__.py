@@ -5,7 +5,8 @@
     >>> out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 Public API: :func:`scaled_dot_product_attention`, :func:`attention_weights`, :func:`softmax`,
-:func:`similarity`, :func:`backends`; :mod:`fastattn.reference` is the NumPy oracle.
+:func:`similarity`, :func:`merge_attention`, :func:`backends`, :class:`MultiHeadAttention`;
+:mod:`fastattn.reference` is the NumPy oracle.
 """
 import importlib.util as _util
 import os as _os
@@ -14,12 +15,13 @@ import sys as _sys
 
 def _kernels_from_source_tree() -> None:
     # Installed, the kernels are the subpackage fastattn/kernels (setup.py maps kernels/ there).
-    # In a source checkout imported directly (python -m fastattn run from the repository root,
-    # or the repository on PYTHONPATH) they sit in kernels/ beside this package: load them
-    # under the same name, so that both layouts run the same code.
-    if _util.find_spec(__name__ + ".kernels") is not None:
+    # In a source checkout (python -m fastattn run from the repository root, the repository on
+    # PYTHONPATH, an editable install) they sit in kernels/ beside this package: load those, the
+    # kernels of this very checkout, under the same name.
+    here = _os.path.dirname(__file__)
+    if _os.path.isdir(_os.path.join(here, "kernels")):
         return
-    where = _os.path.join(_os.path.dirname(_os.path.dirname(__file__)), "kernels")
+    where = _os.path.join(_os.path.dirname(here), "kernels")
     init = _os.path.join(where, "__init__.py")
     if not _os.path.isfile(init):
         return
@@ -35,6 +37,7 @@ _kernels_from_source_tree()
 from . import reference  # noqa: E402
 from ._api import attention_weights, scaled_dot_product_attention, similarity, softmax  # noqa: E402
 from ._backends import BackendUnavailableError, backends  # noqa: E402
+from .merge import merge_attention  # noqa: E402
 from .mha import MultiHeadAttention, multi_head_attention  # noqa: E402
 
 __version__ = "0.1.0"
@@ -49,4 +52,5 @@ __all__ = [
     "reference",
     "MultiHeadAttention",
     "multi_head_attention",
+    "merge_attention",
 ]

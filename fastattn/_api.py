@@ -75,6 +75,14 @@ def softmax(x, axis: int = -1, *, mask=None, backend: str = "auto") -> np.ndarra
     return _cast_out(np.moveaxis(out.reshape(moved_shape), -1, axis), in_dtype)
 
 
+def _reference_variants(p: _prepare.AttentionProblem, alignment, window) -> dict:
+    """The checked variant options as the reference takes them."""
+    v = p.variants
+    alibi = None if v.alibi is None else v.alibi.reshape(p.out_shape[:-2])
+    return dict(alignment=alignment, window=None if window is None else tuple(window),
+                softcap=v.softcap or None, alibi_slopes=alibi)
+
+
 def _reference_inputs(p: _prepare.AttentionProblem, query, key, value, attn_mask):
     cast = lambda a: None if a is None else np.asarray(a, p.dtype)  # noqa: E731
     mask = None if attn_mask is None else np.asarray(attn_mask)
@@ -85,10 +93,12 @@ def _reference_inputs(p: _prepare.AttentionProblem, query, key, value, attn_mask
 
 def attention_weights(query, key, attn_mask=None, is_causal: bool = False, scale=None,
                       enable_gqa: bool = False, *, similarity: str = "dot",
+                      alignment: str = "top_left", window=None, softcap=None, alibi_slopes=None,
                       backend: str = "auto") -> np.ndarray:
     """The attention weights softmax(scores), for inspection and pictures.
 
-    Same arguments and semantics as :func:`scaled_dot_product_attention` (without ``value``).
+    Same arguments and semantics as :func:`scaled_dot_product_attention` (without ``value``),
+    variants (``alignment``, ``window``, ``softcap``, ``alibi_slopes``) included.
 
     Returns:
         (..., Hq, L, S) array in the input dtype; each row sums to 1, or is all zeros when no
@@ -101,16 +111,20 @@ def attention_weights(query, key, attn_mask=None, is_causal: bool = False, scale
         array([[0.731, 0.269],
                [0.269, 0.731]])
     """
+    variants = dict(alignment=alignment, window=window, softcap=softcap,
+                    alibi_slopes=alibi_slopes)
     name = _backends.resolve(backend, query, key, attn_mask)
     if name == "cuda":
         return _backends.module("cuda").attention_weights(
-            query, key, attn_mask, is_causal, scale, enable_gqa, similarity=similarity)
+            query, key, attn_mask, is_causal, scale, enable_gqa, similarity=similarity,
+            **variants)
     p = _prepare.prepare_attention(query, key, None, attn_mask, is_causal, scale, enable_gqa,
-                                   similarity, need_value=False)
+                                   similarity, need_value=False, **variants)
     if name == "numpy":
         q, k, _, mask = _reference_inputs(p, query, key, None, attn_mask)
         w = reference.attention_weights(q, k, mask, p.causal, p.scale, enable_gqa,
-                                        similarity=similarity)
+                                        similarity=similarity,
+                                        **_reference_variants(p, alignment, window))
     else:
         w = _backends.module(name).attention_weights(p).reshape(p.weights_shape)
     return _cast_out(w, p.in_dtype)
@@ -119,7 +133,8 @@ def attention_weights(query, key, attn_mask=None, is_causal: bool = False, scale
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale=None, enable_gqa: bool = False,
                                  *, similarity: str = "dot", return_lse: bool = False,
-                                 backend: str = "auto"):
+                                 alignment: str = "top_left", window=None, softcap=None,
+                                 alibi_slopes=None, backend: str = "auto"):
     """softmax(query @ key^T * scale + mask) @ value, without storing the score matrix.
 
     A drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on NumPy arrays.
@@ -138,6 +153,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
             head h // (Hq // Hkv), with no copy of key or value.
         similarity: ``"dot"`` (q·k) or ``"cosine"`` (cos(q, k), then times ``scale``).
         return_lse: also return the log-sum-exp of the scores, (..., Hq, L).
+        alignment: ``"top_left"`` (PyTorch's ``is_causal``) or ``"bottom_right"``: query row i
+            sits at position p(i) = i, or i + S - L among the keys (the last query on the last
+            key, as FlashAttention and a KV cache). Applies to ``is_causal``, ``window`` and
+            ``alibi_slopes``; a row with p(i) < 0 under causal attention sees no key.
+        window: ``(left, right)``: key j takes part only if p(i) - left <= j <= p(i) + right;
+            each side an int >= 0 or None (unbounded). ``(W - 1, 0)`` with ``is_causal`` is a
+            sliding window of W keys; with ``is_causal`` the right side is at most 0.
+        softcap: a float > 0: scores become softcap * tanh(scores / softcap), after the scale
+            and before any mask (Gemma 2).
+        alibi_slopes: float array broadcastable to the query's leading dims, e.g. (Hq,) or
+            (B, Hq): adds -slope * |p(i) - j| to the score of key j (after the softcap).
         backend: ``"auto"`` (CUDA for GPU arrays, else ``"numba"``), ``"numpy"`` (the reference),
             ``"numba"`` or ``"cuda"``.
 
@@ -153,19 +179,21 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
         >>> fastattn.scaled_dot_product_attention(q, k, v, is_causal=True).shape
         (2, 4, 16, 8)
     """
+    variants = dict(alignment=alignment, window=window, softcap=softcap,
+                    alibi_slopes=alibi_slopes)
     name = _backends.resolve(backend, query, key, value, attn_mask)
     _prepare.check_dropout(dropout_p)
     if name == "cuda":
         return _backends.module("cuda").scaled_dot_product_attention(
             query, key, value, attn_mask, is_causal, scale, enable_gqa,
-            similarity=similarity, return_lse=return_lse)
+            similarity=similarity, return_lse=return_lse, **variants)
     p = _prepare.prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
-                                   similarity)
+                                   similarity, **variants)
     if name == "numpy":
         q, k, v, mask = _reference_inputs(p, query, key, value, attn_mask)
         out, lse = reference.scaled_dot_product_attention(
             q, k, v, mask, 0.0, p.causal, p.scale, enable_gqa, similarity=similarity,
-            return_lse=True)
+            return_lse=True, **_reference_variants(p, alignment, window))
     else:
         out, lse = _backends.module(name).attention(p, return_lse)
         out = out.reshape(p.out_shape)

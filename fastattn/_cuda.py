@@ -19,6 +19,7 @@ import numpy as np
 from numba import cuda
 
 from . import _backends, _prepare
+from ._prepare import NO_LIMIT
 from .kernels import cuda as kernels  # importing compiles nothing
 
 _SIMULATOR = kernels._SIMULATOR
@@ -246,11 +247,22 @@ def _attention_operands(a: _prepare.AttentionArgs):
     return args
 
 
-def attention_weights(query, key, attn_mask, is_causal, scale, enable_gqa, *, similarity="dot"):
+def _check_supported(a: _prepare.AttentionArgs):
+    v = a.variants  # (the variants issue brings them to this backend)
+    top_left_causal = a.causal and v.right == 0 and v.offset == 0
+    if v.softcap or v.alibi is not None or v.left < NO_LIMIT or (
+            v.right < NO_LIMIT and not top_left_causal):
+        raise NotImplementedError("backend 'cuda' does not compute window, softcap, "
+                                  "alibi_slopes or bottom_right yet; use backend='numpy'")
+
+
+def attention_weights(query, key, attn_mask, is_causal, scale, enable_gqa, *, similarity="dot",
+                      **variants):
     on_device = any(_backends.is_device_array(x) for x in (query, key))
     a = _prepare.check_attention(_as_device_array(query), _as_device_array(key), None,
                                  _as_device_array(attn_mask), is_causal, scale, enable_gqa,
-                                 similarity, need_value=False)
+                                 similarity, need_value=False, **variants)
+    _check_supported(a)
     out = cuda.device_array((a.N, a.L, a.S), a.in_dtype)
     if out.size:
         tiles = _tiles(a.dtype, 0)
@@ -263,11 +275,12 @@ def attention_weights(query, key, attn_mask, is_causal, scale, enable_gqa, *, si
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa, *,
-                                 similarity="dot", return_lse=False):
+                                 similarity="dot", return_lse=False, **variants):
     on_device = any(_backends.is_device_array(x) for x in (query, key, value))
     a = _prepare.check_attention(_as_device_array(query), _as_device_array(key),
                                  _as_device_array(value), _as_device_array(attn_mask), is_causal,
-                                 scale, enable_gqa, similarity)
+                                 scale, enable_gqa, similarity, **variants)
+    _check_supported(a)
     out = cuda.device_array((a.N, a.L, a.Ev), a.in_dtype)
     lse = cuda.device_array((a.N, a.L), a.dtype)
     if a.N * a.L:

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 
 from . import _blas
-from ._prepare import AttentionProblem, Mask
+from ._prepare import NO_LIMIT, AttentionProblem, Mask
 
 # Rows of queries per work item, and keys per block, measured on a 2-core Zen 3 with D=64
 # (paired A/B, the machine is noisy): a taller query block lets each key and value block, read
@@ -137,7 +137,17 @@ def _scratch_arrays(shapes: list, dtype) -> list:
     return arrays
 
 
+def _check_supported(p: AttentionProblem):
+    v = p.variants  # (the variants issue brings them to this backend)
+    top_left_causal = p.causal and v.right == 0 and v.offset == 0
+    if v.softcap or v.alibi is not None or v.left < NO_LIMIT or (
+            v.right < NO_LIMIT and not top_left_causal):
+        raise NotImplementedError("backend 'numba' does not compute window, softcap, "
+                                  "alibi_slopes or bottom_right yet; use backend='numpy'")
+
+
 def attention(p: AttentionProblem, want_lse: bool):
+    _check_supported(p)
     N, L, E = p.q.shape
     n_kv, S, Ev = p.v.shape
     out = np.empty((N, L, Ev), p.dtype)
@@ -156,6 +166,7 @@ def attention(p: AttentionProblem, want_lse: bool):
 
 
 def attention_weights(p: AttentionProblem):
+    _check_supported(p)
     N, L, _ = p.q.shape
     out = np.empty((N, L, p.k.shape[1]), p.dtype)
     if out.size:

@@ -9,11 +9,15 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 SIMILARITIES = ("dot", "cosine")
 SIMILARITY_KINDS = ("dot", "scaled_dot", "cosine")
+ALIGNMENTS = ("top_left", "bottom_right")
+# A window side with no bound: further than any key can be from any query.
+NO_LIMIT = 1 << 62
 
 
 def compute_dtype(dtype: np.dtype) -> np.dtype:
@@ -145,6 +149,99 @@ def mask_in_place(mask: np.ndarray, target_shape: tuple, dtype, axis: int = -1) 
     return Mask(values.reshape(-1), row_offset.reshape(-1), view.strides[-1] // item)
 
 
+class Variants(NamedTuple):
+    """Which keys each query row sees, and what is done to its scores, as every backend reads it.
+
+    Query row i sits at position p(i) = i + ``offset`` among the keys (0: top-left, S - L:
+    bottom-right). Key j takes part only if p(i) - ``left`` <= j <= p(i) + ``right`` (``NO_LIMIT``
+    where a side is unbounded; causal attention is ``right = min(right, 0)``). A score becomes
+    ``softcap * tanh(score / softcap)`` when ``softcap > 0`` (after the scale, before any mask);
+    ALiBi then adds ``-alibi[n] * |p(i) - j|`` for flattened query head n (``alibi`` None: no
+    bias).
+    """
+    offset: int
+    left: int
+    right: int
+    softcap: float
+    alibi: np.ndarray | None  # (N,) slopes in the compute dtype, one per flattened query head
+
+    @property
+    def windowed(self) -> bool:
+        """Whether the window (causal included) can drop a key."""
+        return self.left < NO_LIMIT or self.right < NO_LIMIT
+
+    @property
+    def plain(self) -> bool:
+        """No window, no softcap, no ALiBi: the textbook attention."""
+        return not self.windowed and self.softcap == 0 and self.alibi is None
+
+
+def check_window(window, is_causal: bool) -> tuple[int, int]:
+    """``window`` as (left, right) with ``NO_LIMIT`` for unbounded sides, causal folded in."""
+    left = right = None
+    if window is not None:
+        if isinstance(window, (str, bytes)) or not hasattr(window, "__len__") or len(window) != 2:
+            raise TypeError(f"window must be a pair (left, right) of ints >= 0 or None, got "
+                            f"{window!r}")
+        left, right = window
+        for side, value in (("left", left), ("right", right)):
+            if value is None:
+                continue
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"window {side} side must be an int >= 0 or None, got "
+                                f"{value!r} ({type(value).__name__}) in window={window!r}")
+            if value < 0:
+                raise ValueError(f"window {side} side must be >= 0 (or None for unbounded), got "
+                                 f"{value} in window={window!r}")
+    left = NO_LIMIT if left is None else min(int(left), NO_LIMIT)
+    right = NO_LIMIT if right is None else min(int(right), NO_LIMIT)
+    if is_causal:
+        right = min(right, 0)
+    return left, right
+
+
+def check_softcap(softcap) -> float:
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a float > 0 or None, got {type(softcap).__name__}")
+    if not math.isfinite(softcap) or softcap <= 0:
+        raise ValueError(f"softcap must be a finite float > 0 (or None), got {softcap}")
+    return float(softcap)
+
+
+def check_alibi(alibi_slopes, lead: tuple, dtype) -> np.ndarray | None:
+    """ALiBi slopes broadcast to the query's leading dims and flattened: (N,) in ``dtype``."""
+    if alibi_slopes is None:
+        return None
+    if is_numba_device_array(alibi_slopes):
+        alibi_slopes = alibi_slopes.copy_to_host()
+    slopes = np.asarray(alibi_slopes)
+    if slopes.dtype.kind != "f":
+        raise TypeError(f"alibi_slopes must be a float array, got dtype {slopes.dtype}")
+    if len(lead) == 0:
+        raise ValueError(f"alibi_slopes need query heads: the query has no leading dims (its "
+                         f"shape is (L, E)), got alibi_slopes of shape {slopes.shape}")
+    try:
+        ok = np.broadcast_shapes(slopes.shape, lead) == tuple(lead)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"alibi_slopes of shape {slopes.shape} do not broadcast to the query's "
+                         f"leading dims {tuple(lead)} (e.g. (Hq,) = ({lead[-1]},) or (B, Hq))")
+    if not np.all(np.isfinite(slopes)):
+        raise ValueError("alibi_slopes must be finite")
+    return np.ascontiguousarray(np.broadcast_to(slopes, lead), dtype=dtype).reshape(-1)
+
+
+def check_variants(alignment, window, softcap, alibi_slopes, is_causal: bool, lead: tuple,
+                   L: int, S: int, dtype) -> Variants:
+    check_choice(alignment, "alignment", ALIGNMENTS)
+    left, right = check_window(window, is_causal)
+    return Variants(0 if alignment == "top_left" else S - L, left, right, check_softcap(softcap),
+                    check_alibi(alibi_slopes, lead, dtype))
+
+
 @dataclass
 class AttentionProblem:
     """SDPA inputs with leading dims flattened: query head n uses key/value head n // group."""
@@ -155,6 +252,7 @@ class AttentionProblem:
     scale: float
     causal: bool
     mask: Mask | None
+    variants: Variants
     out_shape: tuple    # the user's (..., L, Ev)
     lse_shape: tuple    # the user's (..., L)
     weights_shape: tuple  # the user's (..., L, S)
@@ -181,6 +279,7 @@ class AttentionArgs:
     similarity: str
     in_dtype: np.dtype
     dtype: np.dtype
+    variants: Variants
 
     @property
     def N(self) -> int:
@@ -192,7 +291,8 @@ class AttentionArgs:
 
 
 def check_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa, similarity,
-                    *, need_value: bool = True) -> AttentionArgs:
+                    *, need_value: bool = True, alignment="top_left", window=None, softcap=None,
+                    alibi_slopes=None) -> AttentionArgs:
     """Check SDPA-style input (shapes, dtypes, options) without touching the data."""
     query = check_float_array(query, "query")
     key = check_float_array(key, "key")
@@ -256,16 +356,19 @@ def check_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa, 
                           "attention weights (..., Hq, L, S)")
     if scale is None:
         scale = 1.0 if similarity == "cosine" else 1.0 / math.sqrt(E)
+    dtype = compute_dtype(query.dtype)
+    variants = check_variants(alignment, window, softcap, alibi_slopes, is_causal, tuple(lead_q),
+                              L, S, dtype)
     return AttentionArgs(query, key, value if need_value else None, mask, tuple(lead_q), L, S, E,
-                         Ev, group, scale, is_causal, similarity, query.dtype,
-                         compute_dtype(query.dtype))
+                         Ev, group, scale, is_causal, similarity, query.dtype, dtype, variants)
 
 
 def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa, similarity,
-                      *, need_value: bool = True) -> AttentionProblem:
-    """Check SDPA-style input and build the flattened problem (see ``AttentionProblem``)."""
+                      *, need_value: bool = True, **variants) -> AttentionProblem:
+    """Check SDPA-style input and build the flattened problem (see ``AttentionProblem``);
+    ``variants`` are ``alignment``, ``window``, ``softcap`` and ``alibi_slopes``."""
     a = check_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa, similarity,
-                        need_value=need_value)
+                        need_value=need_value, **variants)
     dtype = a.dtype
     mask = None if a.mask is None else mask_in_place(a.mask, a.weights_shape, dtype)
     N, L, E, S, Ev, group = a.N, a.L, a.E, a.S, a.Ev, a.group
@@ -274,8 +377,8 @@ def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa
     if similarity == "cosine":
         q, k = unit_rows(q), unit_rows(k)
     v = contiguous(a.value, dtype).reshape(N // group, S, Ev) if need_value else None
-    return AttentionProblem(q, k, v, group, a.scale, a.causal, mask, (*a.lead, L, Ev),
-                            (*a.lead, L), a.weights_shape, a.in_dtype, dtype)
+    return AttentionProblem(q, k, v, group, a.scale, a.causal, mask, a.variants,
+                            (*a.lead, L, Ev), (*a.lead, L), a.weights_shape, a.in_dtype, dtype)
 
 
 def check_softmax(x, axis, mask):

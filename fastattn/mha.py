@@ -181,7 +181,8 @@ def _project(x_q, x_k, x_v, p: _Projections):
 
 
 def _forward(query, key, value, p: _Projections, num_heads, num_kv_heads, *, key_padding_mask,
-             attn_mask, is_causal, need_weights, average_attn_weights, batch_first, backend):
+             attn_mask, is_causal, need_weights, average_attn_weights, batch_first, backend,
+             variants):
     """Checked multi-head attention; see :func:`multi_head_attention`."""
     _prepare.check_choice(backend, "backend", _backends.CHOICES)
     is_causal = _prepare.check_flag(is_causal, "is_causal")
@@ -217,7 +218,7 @@ def _forward(query, key, value, p: _Projections, num_heads, num_kv_heads, *, key
     q, k, v = to_heads(q, L, num_heads), to_heads(k, S, num_kv_heads), to_heads(v, S, num_kv_heads)
     gqa = num_kv_heads != num_heads
     heads = scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, enable_gqa=gqa,
-                                         backend=backend)  # (B, H, L, Dv), every head at once
+                                         backend=backend, **variants)  # (B, H, L, Dv)
 
     # Concatenate the heads back into the input's layout and project.
     back = (2, 0, 1, 3) if batch_axis == 1 else (0, 2, 1, 3)
@@ -227,7 +228,8 @@ def _forward(query, key, value, p: _Projections, num_heads, num_kv_heads, *, key
 
     weights = None
     if need_weights:
-        weights = attention_weights(q, k, mask, is_causal, enable_gqa=gqa, backend=backend)
+        weights = attention_weights(q, k, mask, is_causal, enable_gqa=gqa, backend=backend,
+                                    **variants)
         if average_attn_weights:
             weights = weights.mean(axis=1)
         if not batched:
@@ -241,7 +243,8 @@ def multi_head_attention(query, key, value, num_heads: int, q_weight, k_weight, 
                          num_kv_heads: int | None = None, key_padding_mask=None, attn_mask=None,
                          is_causal: bool = False, need_weights: bool = False,
                          average_attn_weights: bool = True, batch_first: bool = True,
-                         backend: str = "auto"):
+                         alignment: str = "top_left", window=None, softcap=None,
+                         alibi_slopes=None, backend: str = "auto"):
     """Multi-head attention with the given weights (the functional form of
     :class:`MultiHeadAttention`).
 
@@ -265,6 +268,9 @@ def multi_head_attention(query, key, value, num_heads: int, q_weight, k_weight, 
         need_weights: also return the attention weights.
         average_attn_weights: average the weights over the heads.
         batch_first: whether batched input is (B, L, E) or (L, B, E).
+        alignment, window, softcap, alibi_slopes: the attention variants, as in
+            :func:`fastattn.scaled_dot_product_attention` (``alibi_slopes`` broadcast to
+            (B, H), e.g. (H,)).
         backend: the backend of the attention kernel: ``"auto"``, ``"numpy"``, ``"numba"`` or
             ``"cuda"``; the projections are NumPy matrix products on the host.
 
@@ -322,7 +328,9 @@ def multi_head_attention(query, key, value, num_heads: int, q_weight, k_weight, 
     return _forward(query, key, value, p, num_heads, num_kv_heads,
                     key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal,
                     need_weights=need_weights, average_attn_weights=average_attn_weights,
-                    batch_first=batch_first, backend=backend)
+                    batch_first=batch_first, backend=backend,
+                    variants=dict(alignment=alignment, window=window, softcap=softcap,
+                                  alibi_slopes=alibi_slopes))
 
 
 # --- the layer ---------------------------------------------------------------------------------
@@ -575,7 +583,8 @@ class MultiHeadAttention:
 
     def __call__(self, query, key=None, value=None, *, key_padding_mask=None, attn_mask=None,
                  is_causal: bool = False, need_weights: bool = False,
-                 average_attn_weights: bool = True, backend: str = "auto"):
+                 average_attn_weights: bool = True, alignment: str = "top_left", window=None,
+                 softcap=None, alibi_slopes=None, backend: str = "auto"):
         """Attend from ``query`` to ``key``/``value``.
 
         Args:
@@ -589,6 +598,8 @@ class MultiHeadAttention:
             is_causal: query i sees keys j <= i (top-left); combines with both masks.
             need_weights: also return the attention weights.
             average_attn_weights: average them over the heads.
+            alignment, window, softcap, alibi_slopes: the attention variants, as in
+                :func:`fastattn.scaled_dot_product_attention`.
             backend: the attention kernel's backend (``"auto"``, ``"numpy"``, ``"numba"``,
                 ``"cuda"``).
 
@@ -602,7 +613,9 @@ class MultiHeadAttention:
                         self.num_kv_heads, key_padding_mask=key_padding_mask,
                         attn_mask=attn_mask, is_causal=is_causal, need_weights=need_weights,
                         average_attn_weights=average_attn_weights,
-                        batch_first=self.batch_first, backend=backend)
+                        batch_first=self.batch_first, backend=backend,
+                        variants=dict(alignment=alignment, window=window, softcap=softcap,
+                                      alibi_slopes=alibi_slopes))
 
     forward = __call__
 

@@ -8,6 +8,13 @@ float64 arrays for an oracle) and read like the maths:
     out     = weights @ v
     lse     = log(sum(exp(scores)))     (-inf for a row with no key taking part)
 
+The variants of current models fit in the same lines: query row i sits at position p(i) among the
+keys (p(i) = i top-left, i + S - L bottom-right), and
+
+    scores  = softcap * tanh(scores / softcap)           (softcap, right after the scale)
+    keep    = p(i) - left <= j <= p(i) + right            (window; causal is right = 0)
+    scores -= slope * |p(i) - j|                          (ALiBi, one slope per query head)
+
 They take the same arguments as the public API but do not validate them; call the public
 functions with ``backend="numpy"`` for checked input and the package's dtype policy.
 """
@@ -18,6 +25,10 @@ import math
 import numpy as np
 
 __all__ = [
+    "positions",
+    "keys_seen",
+    "alibi_bias",
+    "merge_attention",
     "similarity",
     "softmax",
     "attention_weights",
@@ -59,7 +70,38 @@ def softmax(x: np.ndarray, axis: int = -1, *, mask: np.ndarray | None = None) ->
     return e / np.where(row_sum == 0, 1, row_sum)
 
 
-def _scores(query, key, attn_mask, is_causal, scale, enable_gqa, similarity_kind):
+def positions(L: int, S: int, alignment: str = "top_left") -> np.ndarray:
+    """p(i), the position of each query row among the S keys: i (top-left) or i + S - L
+    (bottom-right: the last query sits on the last key)."""
+    return np.arange(L) + (0 if alignment == "top_left" else S - L)
+
+
+def keys_seen(L: int, S: int, is_causal=False, alignment="top_left", window=None) -> np.ndarray:
+    """The (L, S) bool pattern of causal attention and the window: True where key j takes part
+    in row i (before any mask)."""
+    p = positions(L, S, alignment)[:, None]
+    j = np.arange(S)[None, :]
+    keep = np.ones((L, S), dtype=bool)
+    if is_causal:
+        keep &= j <= p
+    if window is not None:
+        left, right = window
+        if left is not None:
+            keep &= j >= p - left
+        if right is not None:
+            keep &= j <= p + right
+    return keep
+
+
+def alibi_bias(alibi_slopes, L: int, S: int, alignment="top_left", dtype=np.float64):
+    """-slope * |p(i) - j| of shape (*slopes.shape, L, S)."""
+    distance = np.abs(positions(L, S, alignment)[:, None] - np.arange(S)[None, :])
+    slopes = np.asarray(alibi_slopes, dtype=dtype)[..., None, None]
+    return -slopes * distance.astype(dtype)
+
+
+def _scores(query, key, attn_mask, is_causal, scale, enable_gqa, similarity_kind,
+            alignment="top_left", window=None, softcap=None, alibi_slopes=None):
     if enable_gqa and query.ndim >= 3 and key.shape[-3] != query.shape[-3]:
         group = query.shape[-3] // key.shape[-3]
         key = np.repeat(key, group, axis=-3)
@@ -67,21 +109,28 @@ def _scores(query, key, attn_mask, is_causal, scale, enable_gqa, similarity_kind
         scale = 1.0 if similarity_kind == "cosine" else 1.0 / math.sqrt(query.shape[-1])
     kind = "cosine" if similarity_kind == "cosine" else "dot"
     scores = similarity(query, key, kind) * np.asarray(scale, dtype=query.dtype)
+    if softcap:
+        cap = np.asarray(softcap, dtype=scores.dtype)
+        scores = cap * np.tanh(scores / cap)
     if attn_mask is not None:
         if attn_mask.dtype == np.bool_:
             scores = np.where(attn_mask, scores, -np.inf)
         else:
             scores = scores + attn_mask.astype(scores.dtype)
-    if is_causal:
-        L, S = scores.shape[-2:]
-        scores = np.where(np.tri(L, S, dtype=bool), scores, -np.inf)
+    L, S = scores.shape[-2:]
+    if is_causal or window is not None:
+        scores = np.where(keys_seen(L, S, is_causal, alignment, window), scores, -np.inf)
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes, L, S, alignment, scores.dtype)
     return scores
 
 
 def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None,
-                      enable_gqa=False, *, similarity="dot") -> np.ndarray:
+                      enable_gqa=False, *, similarity="dot", alignment="top_left", window=None,
+                      softcap=None, alibi_slopes=None) -> np.ndarray:
     """softmax(scores) of shape (..., Hq, L, S)."""
-    return softmax(_scores(query, key, attn_mask, is_causal, scale, enable_gqa, similarity))
+    return softmax(_scores(query, key, attn_mask, is_causal, scale, enable_gqa, similarity,
+                           alignment, window, softcap, alibi_slopes))
 
 
 def _logsumexp(scores: np.ndarray) -> np.ndarray:
@@ -93,11 +142,13 @@ def _logsumexp(scores: np.ndarray) -> np.ndarray:
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, enable_gqa=False, *,
-                                 similarity="dot", return_lse=False):
+                                 similarity="dot", return_lse=False, alignment="top_left",
+                                 window=None, softcap=None, alibi_slopes=None):
     """softmax(q k^T * scale + mask) v, shapes (..., L, E), (..., S, E), (..., S, Ev) -> (..., L, Ev)."""
     if dropout_p:
         raise NotImplementedError("dropout_p > 0 is not supported")
-    scores = _scores(query, key, attn_mask, is_causal, scale, enable_gqa, similarity)
+    scores = _scores(query, key, attn_mask, is_causal, scale, enable_gqa, similarity, alignment,
+                     window, softcap, alibi_slopes)
     if enable_gqa and value.ndim >= 3 and value.shape[-3] != query.shape[-3]:
         value = np.repeat(value, query.shape[-3] // value.shape[-3], axis=-3)
     out = softmax(scores) @ value
@@ -106,10 +157,27 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return out
 
 
+def merge_attention(outs, lses):
+    """Attention over the union of disjoint key sets from each set's (out, lse):
+
+        lse = log(sum_i exp(lse_i)),   out = sum_i out_i * exp(lse_i - lse)
+
+    A part that saw no key (lse_i = -inf) counts for nothing; when every part is empty the
+    answer is zeros and lse -inf, as for a row with no key."""
+    outs, lses = np.stack(outs), np.stack(lses)
+    top = np.max(lses, axis=0)
+    finite_top = np.where(np.isneginf(top), 0, top)
+    with np.errstate(divide="ignore"):
+        lse = finite_top + np.log(np.sum(np.exp(lses - finite_top), axis=0))
+    weights = np.where(np.isneginf(lses), 0, np.exp(lses - np.where(np.isneginf(lse), 0, lse)))
+    return np.sum(outs * weights[..., None], axis=0), lse
+
+
 def multi_head_attention(query, key, value, num_heads, q_weight, k_weight, v_weight,
                          out_weight, q_bias=None, k_bias=None, v_bias=None, out_bias=None,
                          *, num_kv_heads=None, attn_mask=None, key_padding_mask=None,
-                         is_causal=False, need_weights=False, average_attn_weights=True):
+                         is_causal=False, need_weights=False, average_attn_weights=True,
+                         **variants):
     """Multi-head attention on batch-first inputs (B, L, E), (B, S, Ek), (B, S, Ev).
 
     Weights are (out_features, in_features) as in ``torch.nn.Linear``: x @ W.T + b, with
@@ -118,6 +186,7 @@ def multi_head_attention(query, key, value, num_heads, q_weight, k_weight, v_wei
     ``attn_mask`` follows this package's SDPA convention (bool True = takes part, float added),
     broadcastable to (B, H, L, S); ``key_padding_mask`` is (B, S), bool True = padding (as in
     PyTorch) or float (added to the scores of key s).
+    ``variants`` (``alignment``, ``window``, ``softcap``, ``alibi_slopes``) go to the attention.
     Returns ``(out, weights)``; weights is None unless ``need_weights``, then (B, L, S) averaged
     over heads or (B, H, L, S). A query row with no key taking part attends to nothing: its
     heads are zeros, so its output is ``out_bias`` (and its weights are zeros).
@@ -148,12 +217,13 @@ def multi_head_attention(query, key, value, num_heads, q_weight, k_weight, v_wei
         else:
             mask = mask + pad
     gqa = num_kv_heads != num_heads
-    heads = scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, enable_gqa=gqa)
+    heads = scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, enable_gqa=gqa,
+                                         **variants)
     B, H, L, Dv = heads.shape
     out = linear(heads.transpose(0, 2, 1, 3).reshape(B, L, H * Dv), out_weight, out_bias)
     weights = None
     if need_weights:
-        weights = attention_weights(q, k, mask, is_causal, enable_gqa=gqa)
+        weights = attention_weights(q, k, mask, is_causal, enable_gqa=gqa, **variants)
         if average_attn_weights:
             weights = weights.mean(axis=1)
     return out, weights
