@@ -1,4 +1,4 @@
-"""The ``cuda`` backend: the checks of the other backends, then the kernels of kernels/cuda.py.
+"""The ``cuda`` backend: the checks of the other backends, then the kernels of kernels/cuda/.
 
 NumPy inputs are copied to the device and the result is copied back. Inputs with
 ``__cuda_array_interface__`` (Numba device arrays, CuPy arrays, PyTorch CUDA tensors) are read in

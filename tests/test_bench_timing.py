@@ -1,4 +1,4 @@
-"""How the bench CLI times calls (fastattn._bench_measure.time_interleaved)."""
+"""How the bench CLI times calls (fastattn.bench.measure.time_interleaved)."""
 import time
 
 from fastattn.bench import impls as _bench_impls, measure as _bench_measure
