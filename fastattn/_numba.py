@@ -7,7 +7,7 @@ import threading
 import numpy as np
 
 from . import _blas
-from ._prepare import NO_LIMIT, AttentionProblem, Mask
+from ._prepare import AttentionProblem, Mask
 
 # Rows of queries per work item, and keys per block, measured on a 2-core Zen 3 with D=64
 # (paired A/B, the machine is noisy): a taller query block lets each key and value block, read
@@ -137,17 +137,28 @@ def _scratch_arrays(shapes: list, dtype) -> list:
     return arrays
 
 
-def _check_supported(p: AttentionProblem):
-    v = p.variants  # (the variants issue brings them to this backend)
-    top_left_causal = p.causal and v.right == 0 and v.offset == 0
-    if v.softcap or v.alibi is not None or v.left < NO_LIMIT or (
-            v.right < NO_LIMIT and not top_left_causal):
-        raise NotImplementedError("backend 'numba' does not compute window, softcap, "
-                                  "alibi_slopes or bottom_right yet; use backend='numpy'")
+_NO_SLOPES = {}
+
+
+def _pattern(p: AttentionProblem):
+    """The variants (alignment, window with causal folded in, softcap, ALiBi) as the kernels
+    read them (a ``Pattern``)."""
+    v = p.variants
+    if v.alibi is None:
+        slopes = _NO_SLOPES.setdefault(p.dtype, _readonly(np.zeros(1, p.dtype)))
+    else:
+        slopes = _readonly(np.ascontiguousarray(v.alibi, p.dtype))
+    return _kernels().Pattern(int(v.offset), int(v.left), int(v.right), p.dtype.type(v.softcap),
+                              slopes, v.alibi is not None)
+
+
+def _query_block(p: AttentionProblem) -> int:
+    # A window (causal included) makes work items differ in cost: smaller ones balance better.
+    N, L, _ = p.q.shape
+    return query_block(N, L, p.causal or p.variants.windowed)
 
 
 def attention(p: AttentionProblem, want_lse: bool):
-    _check_supported(p)
     N, L, E = p.q.shape
     n_kv, S, Ev = p.v.shape
     out = np.empty((N, L, Ev), p.dtype)
@@ -159,22 +170,20 @@ def attention(p: AttentionProblem, want_lse: bool):
             key_panels, value_panels = _scratch_arrays(
                 [(n_kv, -(-S // cols), E * cols), (n_kv, -(-Ev // cols), S * cols)], p.dtype)
             cpu.attention(_readonly(p.q), _readonly(p.k), _readonly(p.v), p.group,
-                          p.dtype.type(p.scale), p.causal, _mask_args(p.mask, p.dtype),
-                          query_block(N, L, p.causal), BLOCK_K, key_panels, value_panels, out,
-                          lse)
+                          p.dtype.type(p.scale), _pattern(p), _mask_args(p.mask, p.dtype),
+                          _query_block(p), BLOCK_K, key_panels, value_panels, out, lse)
     return out, (lse if want_lse else None)
 
 
 def attention_weights(p: AttentionProblem):
-    _check_supported(p)
     N, L, _ = p.q.shape
     out = np.empty((N, L, p.k.shape[1]), p.dtype)
     if out.size:
         cpu = _kernels()
         with _lock, _blas.single_threaded_blas():
             cpu.attention_weights(_readonly(p.q), _readonly(p.k), p.group, p.dtype.type(p.scale),
-                                  p.causal, _mask_args(p.mask, p.dtype),
-                                  query_block(N, L, p.causal), out)
+                                  _pattern(p), _mask_args(p.mask, p.dtype), _query_block(p),
+                                  out)
     return out
 
 

@@ -9,9 +9,9 @@
 Importing compiles nothing: each kernel compiles on its first call and is cached on disk.
 """
 from .attention import attention, pack_panels
-from .options import MaskArgs
+from .options import MaskArgs, Pattern
 from .softmax import attention_weights, similarity, softmax
 from .tile import tile_cols
 
 __all__ = ["attention", "pack_panels", "attention_weights", "similarity", "softmax", "MaskArgs",
-           "tile_cols"]
+           "Pattern", "tile_cols"]

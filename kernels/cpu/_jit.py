@@ -93,3 +93,40 @@ def _exp_nonpositive_overload(x):
         return _exp_float32_in_range(x)
 
     return exp_nonpositive_float32
+
+
+# tanh(x) = x + x^3 P(x^2) on |x| < 0.625 (Cephes' tanhf polynomial): there 1 - exp(-2|x|) would
+# lose the low bits of a small x to cancellation.
+_TANH_POLY = tuple(np.float32(c) for c in (
+    -5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2, 1.33314422036e-1, -3.33332819422e-1))
+_TANH_SMALL = np.float32(0.625)
+
+
+def tanh(x):
+    """tanh(x); in float32 a vectorisable version (a few ulp), else math.tanh.
+
+    llvmlite here has no SVML, so math.tanh in a loop stays scalar (the softcap's cost); this
+    one is two branch-free formulas and a select: on |x| >= 0.625, sign(x) (1 - e) / (1 + e)
+    with e = exp(-2|x|), always an ``exp_nonpositive``; below, a polynomial.
+    """
+    return math.tanh(x)
+
+
+@register_jitable(fastmath=FASTMATH - {"reassoc"})
+def _tanh_float32(x):
+    ax = abs(x)
+    e = exp_nonpositive(np.float32(-2.0) * ax)  # NaN stays NaN; |x| = inf gives exactly 1
+    large = math.copysign((np.float32(1.0) - e) / (np.float32(1.0) + e), x)
+    z = x * x
+    p = _TANH_POLY[0]
+    for c in _TANH_POLY[1:]:
+        p = p * z + c
+    small = p * z * x + x
+    return small if ax < _TANH_SMALL else large
+
+
+@overload(tanh, fastmath=FASTMATH)
+def _tanh_overload(x):
+    if x != types.float32:
+        return lambda x: math.tanh(x)
+    return lambda x: _tanh_float32(x)

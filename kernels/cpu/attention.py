@@ -13,7 +13,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import exp_nonpositive, jit, maxnum, parallel_jit
-from .rows import apply_mask_row, mask_after
+from .rows import pattern_row
 from .tile import ROWS, tile_product, tile_product_add, tile_width
 
 
@@ -98,7 +98,7 @@ GROUP = 2 * ROWS
 
 
 @jit
-def attention_block(q, key_panels, value_panels, S, n, q0, q1, scale, causal, mask, block_k, out,
+def attention_block(q, key_panels, value_panels, S, n, q0, q1, scale, pattern, mask, block_k, out,
                     lse):
     """One work item of ``attention``: queries q0..q1 of head ``n`` against the S keys and values
     of its key/value head, laid out in tiles in ``key_panels`` and ``value_panels`` (flat)."""
@@ -122,38 +122,46 @@ def attention_block(q, key_panels, value_panels, S, n, q0, q1, scale, causal, ma
     acc_flat = acc.reshape(-1)
     row_max = np.full(rows_padded, -np.inf, dtype)
     row_sum = np.zeros(rows_padded, dtype)
-    # Top-left causal: query i sees keys j <= i, so blocks past the last row's key are skipped.
-    k_end = min(S, q1) if causal else S
-    for k0 in range(0, k_end, block_k):
+    left, right = pattern.left, pattern.right
+    per_row = mask.kind != 0 or pattern.softcap > 0 or pattern.has_alibi
+    # Query i sits at key position i + offset and sees keys p - left .. p + right: the work item
+    # needs only the key blocks that some row's window touches (a causal or sliding window skips
+    # the rest), and each group of rows only the keys from its first row's first key (down to a
+    # whole tile) to its last row's last.
+    position0 = q0 + pattern.offset
+    k_begin = max(0, position0 - left) // block_k * block_k
+    k_end = min(S, position0 + bq - 1 + right + 1)
+    for k0 in range(k_begin, k_end, block_k):
         for r0 in range(0, bq, GROUP):
             rows = min(GROUP, bq - r0)
-            keys = min(block_k, k_end - k0)
-            if causal:
-                keys = min(keys, q0 + r0 + rows - k0)
-                if keys <= 0:  # every key of the block comes after these queries
-                    continue
-            # scores of the group's queries against the block's keys, a tile of keys at a time
+            first = position0 + r0  # the positions of the group's first and last rows
+            last = first + rows - 1
+            ka = max(k0, first - left)
+            ka -= (ka - k0) % cols
+            kb = min(k0 + block_k, k_end, last + right + 1)
+            keys = kb - ka
+            if keys <= 0:  # the block lies wholly outside every row's window
+                continue
+            # scores of the group's queries against keys ka..kb, a tile of keys at a time
             for panel in range(-(-keys // cols)):
                 for t0 in range(0, rows, ROWS):
                     tile_product(q_flat, (r0 + t0) * E, E, key_panels,
-                                 (k0 // cols + panel) * E * cols, cols, scores,
+                                 (ka // cols + panel) * E * cols, cols, scores,
                                  t0 * keys_padded + panel * cols, keys_padded, E)
-            diagonal = causal and k0 + keys - 1 > q0 + r0
-            if mask.kind != 0 or diagonal:
+            # Keys wholly inside every row's window need no per-score window work.
+            partial = ka < last - left or kb - 1 > first + right
+            if per_row or partial:
                 for i in range(rows):
-                    row = scores[i * keys_padded:i * keys_padded + keys]
-                    query = q0 + r0 + i
-                    apply_mask_row(row, n * L + query, k0, mask)
-                    if diagonal:
-                        mask_after(row, query + 1 - k0)
+                    pattern_row(scores[i * keys_padded:i * keys_padded + keys],
+                                n * L + q0 + r0 + i, n, first + i, ka, mask, pattern, partial)
             for i in range(rows):
                 online_softmax_row(scores[i * keys_padded:i * keys_padded + keys], r0 + i, row_max,
                                    row_sum, acc[r0 + i])
-            # acc += weights @ v for the block, a tile of value columns at a time
+            # acc += weights @ v for the keys, a tile of value columns at a time
             for c0 in range(0, ev_padded, cols):
                 for t0 in range(0, rows, ROWS):
                     tile_product_add(scores, t0 * keys_padded, keys_padded, value_panels,
-                                     c0 * S + k0 * cols, cols, acc_flat,
+                                     c0 * S + ka * cols, cols, acc_flat,
                                      (r0 + t0) * ev_padded + c0, ev_padded, keys)
     for i in range(bq):
         total = row_sum[i]
@@ -169,7 +177,7 @@ def attention_block(q, key_panels, value_panels, S, n, q0, q1, scale, causal, ma
 
 
 @parallel_jit
-def attention(q, k, v, group, scale, causal, mask, block_q, block_k, key_panels, value_panels,
+def attention(q, k, v, group, scale, pattern, mask, block_q, block_k, key_panels, value_panels,
               out, lse):
     """Flash-style attention: out (N, L, Ev) and lse (N, L), never storing the L x S scores.
 
@@ -178,7 +186,9 @@ def attention(q, k, v, group, scale, causal, mask, block_q, block_k, key_panels,
     sum(exp(score - max) * v). Within a key block, GROUP queries at a time go through the three
     steps (scores, online softmax, weighted values) while their scores sit in the L1 cache; the
     two products are register tiles (``tile``) over k and v laid out once per call in tiles
-    (``pack_panels``). Causal attention stops each group at its last row's key.
+    (``pack_panels``). ``pattern`` (a ``Pattern``: alignment, window, softcap, ALiBi) says which
+    keys each row sees: key blocks outside every row's window are skipped, and only blocks that
+    straddle a window's edge are masked key by key.
 
     ``block_k`` must be a multiple of the tile's columns (``tile_cols``). ``key_panels``
     (k.shape[0], ceil(S / cols), E * cols) and ``value_panels`` (v.shape[0], ceil(Ev / cols),
@@ -197,4 +207,4 @@ def attention(q, k, v, group, scale, causal, mask, block_q, block_k, key_panels,
         q0 = qb * block_q
         attention_block(q, key_panels[n // group].reshape(-1),
                         value_panels[n // group].reshape(-1), k.shape[1], n, q0,
-                        min(q0 + block_q, L), scale, causal, mask, block_k, out, lse)
+                        min(q0 + block_q, L), scale, pattern, mask, block_k, out, lse)

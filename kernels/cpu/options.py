@@ -20,3 +20,19 @@ class MaskArgs(NamedTuple):
     row_offset: np.ndarray  # int64 (rows,)
     col_stride: int
     kind: int
+
+
+class Pattern(NamedTuple):
+    """Which keys each query row sees and what is done to its scores (``fastattn._prepare``'s
+    ``Variants`` as the kernels read it). Query row ``i`` sits at position ``p = i + offset``
+    among the keys and sees key ``j`` only if ``p - left <= j <= p + right`` (``NO_LIMIT`` = 2^62
+    for an unbounded side, so the sums stay far inside int64; causal attention is ``right`` 0).
+    ``softcap`` > 0: a score ``s`` (already scaled) becomes ``softcap * tanh(s / softcap)``
+    before any mask; 0: none. ``has_alibi``: ``-alibi[n] * |p - j|`` is added to the scores of
+    flattened query head ``n`` after the masks; else ``alibi`` is a one-element stand-in."""
+    offset: int
+    left: int
+    right: int
+    softcap: float          # compute dtype
+    alibi: np.ndarray       # compute dtype (N,), or (1,) when not has_alibi
+    has_alibi: bool

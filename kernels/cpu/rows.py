@@ -4,7 +4,7 @@ Each works on one row as a contiguous 1-d array, so that LLVM vectorises its loo
 """
 import numpy as np
 
-from ._jit import exp_nonpositive, jit, maxnum
+from ._jit import exp_nonpositive, jit, maxnum, tanh
 
 
 @jit
@@ -45,10 +45,47 @@ def apply_mask_row(row, r, col0, mask):
 
 
 @jit
-def mask_after(row, first_masked):
-    """Causal mask: the keys of ``row`` from index ``first_masked`` on come after the query."""
-    for j in range(max(first_masked, 0), row.shape[0]):
+def mask_outside(row, first_kept, end_kept):
+    """Window (causal included): only the keys of ``row`` with index in [first_kept, end_kept)
+    take part (either bound may lie outside the row). Two fills rather than a select per key:
+    they vectorise and touch only the keys they drop."""
+    n = row.shape[0]
+    for j in range(min(max(first_kept, 0), n)):
         row[j] = -np.inf
+    for j in range(min(max(end_kept, 0), n), n):
+        row[j] = -np.inf
+
+
+@jit
+def softcap_row(row, softcap):
+    """Logit softcapping (Gemma 2): s -> softcap * tanh(s / softcap)."""
+    inv = 1 / softcap
+    for j in range(row.shape[0]):
+        row[j] = softcap * tanh(row[j] * inv)
+
+
+@jit
+def alibi_row(row, slope, position):
+    """ALiBi: adds -slope * |position - j| to key j of ``row`` (``position``: the query's position
+    minus the row's first key, so possibly outside the row)."""
+    dtype = row.dtype.type
+    for j in range(row.shape[0]):
+        row[j] -= slope * dtype(abs(position - j))
+
+
+@jit
+def pattern_row(row, r, n, position, col0, mask, pattern, windowed):
+    """Every per-score step between the block product and the softmax, in the order of the
+    semantics, for ``row``, the keys from ``col0`` on of flattened score row ``r`` (query head
+    ``n``, at key ``position``): softcap, ``mask`` (a ``MaskArgs``), the window (skipped unless
+    ``windowed``: the caller knows when the row lies wholly inside it) and ALiBi."""
+    if pattern.softcap > 0:
+        softcap_row(row, pattern.softcap)
+    apply_mask_row(row, r, col0, mask)
+    if windowed:
+        mask_outside(row, position - pattern.left - col0, position + pattern.right + 1 - col0)
+    if pattern.has_alibi:
+        alibi_row(row, pattern.alibi[n], position - col0)
 
 
 @jit

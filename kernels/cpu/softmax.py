@@ -7,7 +7,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import parallel_jit
-from .rows import apply_mask_row, mask_after, softmax_row_inplace
+from .rows import apply_mask_row, pattern_row, softmax_row_inplace
 
 
 @parallel_jit
@@ -40,8 +40,9 @@ def similarity(a, b, scale, block_rows, out):
 
 
 @parallel_jit
-def attention_weights(q, k, group, scale, causal, mask, block_q, out):
-    """softmax(scale * q k^T + mask) into out (N, L, S) (the full matrix, for inspection)."""
+def attention_weights(q, k, group, scale, pattern, mask, block_q, out):
+    """softmax(scale * q k^T + mask) into out (N, L, S) (the full matrix, for inspection), with
+    ``pattern`` a ``Pattern`` (alignment, window, softcap, ALiBi)."""
     N, L, _ = q.shape
     n_qblocks = (L + block_q - 1) // block_q
     for item in prange(N * n_qblocks):
@@ -51,8 +52,6 @@ def attention_weights(q, k, group, scale, causal, mask, block_q, out):
         scores = out[n, q0:q1]
         np.dot(q[n, q0:q1] * scale, k[n // group].T, scores)
         for i in range(q1 - q0):
-            row = scores[i]
-            apply_mask_row(row, n * L + q0 + i, 0, mask)
-            if causal:  # top-left: query i sees keys j <= i
-                mask_after(row, q0 + i + 1)
-            softmax_row_inplace(row)
+            pattern_row(scores[i], n * L + q0 + i, n, q0 + i + pattern.offset, 0, mask, pattern,
+                        True)
+            softmax_row_inplace(scores[i])
