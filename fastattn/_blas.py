@@ -169,7 +169,7 @@ def quiet_other_pools() -> bool:
 
 
 def _numba_omp_library_loaded() -> bool:
-    # Numba's omp layer links libgomp.so.1.0.0; PyTorch ships its own copy as torch/lib/libgomp.so.1.
+    # Numba's omp layer links libgomp.so.1.0.0; PyTorch ships its own copy, torch/lib/libgomp.so.1.
     return any(os.path.basename(p).startswith("libgomp.so") and "torch" not in p
                for p in _loaded_libraries())
 
