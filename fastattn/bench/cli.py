@@ -3,7 +3,10 @@
 Prints a header (CPU, threads, threading layer, BLAS, versions), this machine's matrix-product
 peak measured in the same run, then for each case and implementation the median time, GFLOP/s,
 the share of that peak, the extra memory of one call and the speed ratios against NumPy and
-PyTorch; then how time and memory grow with the sequence length L (fitted exponents).
+PyTorch; then how time and memory grow with the sequence length L (fitted exponents). With
+--pipeline (and in --full) also the pipeline cases, timed back to back with no settle time: a
+NumPy or PyTorch matmul then fastattn's attention, against the two alone, and fastattn's
+multi-head layer against PyTorch's.
 """
 from __future__ import annotations
 
