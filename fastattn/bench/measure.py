@@ -162,6 +162,9 @@ def threads_limited(threads: int | None):
     if threads > numba.config.NUMBA_NUM_THREADS:
         raise SystemExit(f"--threads {threads}: Numba was started with at most "
                          f"{numba.config.NUMBA_NUM_THREADS} threads (set NUMBA_NUM_THREADS)")
+    from .. import _blas
+
+    _blas.prepare_numba_pool()  # before Numba's threads start: they start as fastattn's would
     before = numba.get_num_threads()
     numba.set_num_threads(threads)
     torch = sys.modules.get("torch")
