@@ -90,8 +90,10 @@ def single_threaded_blas():
 #     threaded call, which costs it one thread start (tens of microseconds);
 #   - loads Numba's OpenMP runtime with a short spin (GOMP_SPINCOUNT=SPIN_COUNT, about 0.2 ms here)
 #     when it is the first to load it and the user set neither GOMP_SPINCOUNT nor OMP_WAIT_POLICY
-#     (``prepare_numba_pool``); the variable is set only while the runtime loads, so PyTorch's
-#     own copy of libgomp, loaded from another file, keeps its defaults.
+#     (``prepare_numba_pool``); the variable is set only while the runtime loads. PyTorch
+#     imported before keeps its own copy (torch/lib/libgomp.so.1) and its defaults; imported
+#     after, it binds to the copy already loaded (same soname): one OpenMP pool for both, with
+#     the short spin.
 # Neither changes a result: they change only when threads sleep, not what any thread computes.
 
 SPIN_COUNT = 10000
