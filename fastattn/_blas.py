@@ -11,6 +11,8 @@ import contextlib
 import ctypes
 import glob
 import os
+import sys
+import threading
 
 _SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
             "openblas_set_num_threads64_", "openblas_set_num_threads")
@@ -72,3 +74,171 @@ def single_threaded_blas():
         return
     with threadpoolctl.threadpool_limits(1, user_api="blas"):
         yield
+
+
+# --- the other thread pools in the process -------------------------------------------------------
+#
+# A model calls fastattn between other libraries' products (NumPy's BLAS, PyTorch), back to back.
+# Their thread pools do not go idle at once when a call ends: OpenBLAS's workers spin for
+# 2^28 cycles (about 0.1 s; OPENBLAS_THREAD_TIMEOUT, read only when the library loads) and
+# libgomp's, which runs Numba's omp threading layer, for 300,000 spins (measured: 5 ms of a core
+# after each fastattn call here). On a machine with as many threads as cores a spinning pool
+# takes a core from the next library's threads: h @ W then causal attention took 24 ms against
+# 3.1 + 10.4 alone. So fastattn
+#   - puts OpenBLAS's workers to rest before each of its kernels (``quiet_other_pools``): an
+#     OpenBLAS (NumPy's, SciPy's) shuts its workers down and starts them again at its next
+#     threaded call, which costs it one thread start (tens of microseconds);
+#   - loads Numba's OpenMP runtime with a short spin (GOMP_SPINCOUNT=SPIN_COUNT, about 0.2 ms here)
+#     when it is the first to load it and the user set neither GOMP_SPINCOUNT nor OMP_WAIT_POLICY
+#     (``prepare_numba_pool``); the variable is set only while the runtime loads. PyTorch
+#     imported before keeps its own copy (torch/lib/libgomp.so.1) and its defaults; imported
+#     after, it binds to the copy already loaded (same soname): one OpenMP pool for both, with
+#     the short spin.
+# Neither changes a result: they change only when threads sleep, not what any thread computes.
+
+SPIN_COUNT = 10000
+# FASTATTN_QUIET_POOLS=0 turns both off (to compare, or if a platform misbehaves).
+ENABLED = os.environ.get("FASTATTN_QUIET_POOLS", "1") != "0"
+
+_OPENBLAS_CONFIG = ("scipy_openblas_get_config64_", "scipy_openblas_get_config",
+                    "openblas_get_config64_", "openblas_get_config")
+_state = {"numba_pool": None, "skipped_threads": 0}
+_openblas_pools = None   # [(path, config, shutdown function)], found on first use
+_pools_lock = threading.Lock()
+
+
+def _loaded_libraries() -> list[str]:
+    """Paths of the shared libraries mapped into this process (Linux; [] elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            fields = (line.split(None, 5) for line in f)
+            paths = {x[5].strip() for x in fields if len(x) == 6 and x[5].startswith("/")}
+    except OSError:
+        return []
+    return sorted(p for p in paths if ".so" in os.path.basename(p))
+
+
+def _find_openblas_pools() -> list:
+    """Every loaded OpenBLAS that runs its own pthreads pool and can shut it down."""
+    pools = []
+    for path in _loaded_libraries():
+        if "openblas" not in os.path.basename(path).lower():
+            continue
+        try:
+            lib = ctypes.PyDLL(path)  # PyDLL: the call keeps the GIL (see quiet_other_pools)
+        except OSError:
+            continue
+        config = next((getattr(lib, n) for n in _OPENBLAS_CONFIG if hasattr(lib, n)), None)
+        text = ""
+        if config is not None:
+            config.restype = ctypes.c_char_p
+            text = (config() or b"").decode(errors="replace")
+        # An OpenMP build runs on the OpenMP runtime's threads, not a pool of its own.
+        if "USE_OPENMP" in text.upper() or not hasattr(lib, "blas_thread_shutdown_"):
+            continue
+        shutdown = lib.blas_thread_shutdown_
+        shutdown.restype = ctypes.c_int
+        pools.append((path, text, shutdown))
+    return pools
+
+
+def openblas_pools() -> list:
+    global _openblas_pools
+    if _openblas_pools is None:
+        _openblas_pools = _find_openblas_pools()
+    return _openblas_pools
+
+
+def quiet_other_pools() -> bool:
+    """Stop OpenBLAS's workers spinning before a fastattn kernel takes every core.
+
+    Only while this is the process's one Python thread: OpenBLAS's shutdown must not meet a
+    product in progress on another thread (NumPy runs its products without the GIL; this call
+    holds it, so no new one starts). Returns whether it was done.
+    """
+    if not ENABLED:
+        return False
+    pools = openblas_pools()
+    if not pools:
+        return False
+    if len(sys._current_frames()) > 1:
+        _state["skipped_threads"] += 1
+        return False
+    with _pools_lock:
+        for _, _, shutdown in pools:
+            shutdown()
+    return True
+
+
+def _numba_omp_library_loaded() -> bool:
+    # Numba's omp layer links libgomp.so.1.0.0; PyTorch ships its own copy, torch/lib/libgomp.so.1.
+    return any(os.path.basename(p).startswith("libgomp.so") and "torch" not in p
+               for p in _loaded_libraries())
+
+
+def prepare_numba_pool() -> str:
+    """Start Numba's threads, with a short OpenMP spin when that is ours to choose; says what
+    was done (once per process; later calls return the first answer)."""
+    if _state["numba_pool"] is not None:
+        return _state["numba_pool"]
+    import numba
+    from numba.np.ufunc import parallel
+
+    how = None
+    layer = str(numba.config.THREADING_LAYER)
+    if not ENABLED:
+        how = "FASTATTN_QUIET_POOLS=0: Numba's threads left with their default spin"
+    elif parallel._is_initialized:
+        how = "Numba's threads were already started: their spin is left as it is"
+    elif layer not in ("default", "omp", "threadsafe", "forksafe"):
+        how = f"NUMBA_THREADING_LAYER={layer}: nothing to set"
+    elif any(v in os.environ for v in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")):
+        how = "GOMP_SPINCOUNT/OMP_WAIT_POLICY set by the user: kept"
+    elif _numba_omp_library_loaded():
+        how = "libgomp was already loaded by another library: its spin is left as it is"
+    if how is not None:
+        with contextlib.suppress(Exception):
+            parallel._launch_threads()
+        _state["numba_pool"] = how
+        return how
+    os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+    try:
+        parallel._launch_threads()
+    finally:
+        del os.environ["GOMP_SPINCOUNT"]
+    layer = numba.threading_layer()
+    _state["numba_pool"] = (f"libgomp loaded with GOMP_SPINCOUNT={SPIN_COUNT} (short spin after "
+                            f"each kernel)" if layer == "omp" else
+                            f"threading layer {layer}: nothing to set")
+    return _state["numba_pool"]
+
+
+def describe_pools() -> dict:
+    """The thread pools in this process and what fastattn did about them (for ``info``)."""
+    out = {}
+    pools = openblas_pools()
+    if not ENABLED:
+        done = "left spinning: FASTATTN_QUIET_POOLS=0"
+    else:
+        done = "its spin stopped before each fastattn kernel"
+        if _state["skipped_threads"]:
+            done += (f" (not done {_state['skipped_threads']} times: other Python threads were "
+                     f"running)")
+    for path, config, _ in pools:
+        version = config.split()[1] if len(config.split()) > 1 else "?"
+        out[f"pool {os.path.basename(path)}"] = f"OpenBLAS {version} worker threads: {done}"
+    if not pools:
+        out["pool OpenBLAS"] = "none with a pthreads pool of its own loaded"
+    gomp = [p for p in _loaded_libraries() if os.path.basename(p).startswith("libgomp")]
+    torch_shares = "torch" in sys.modules and not any("torch" in p for p in gomp)
+    for path in gomp:
+        whose = "PyTorch's OpenMP runtime, left as it is" if "torch" in path else \
+            "the OpenMP runtime of Numba's omp layer" + (
+                " and of PyTorch (one pool: PyTorch loaded after it)" if torch_shares else "")
+        out[f"pool {os.path.basename(path)}"] = f"{whose}: {path}"
+    out["numba pool"] = _state["numba_pool"] or "not started yet"
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        with contextlib.suppress(Exception):
+            out["pool torch intra-op"] = f"{torch.get_num_threads()} threads"
+    return out

@@ -29,6 +29,10 @@ _lock = threading.Lock()
 def _kernels():
     from .kernels import cpu  # compiled lazily on first use, loaded from Numba's cache after
     _announce_compiles()
+    # Every kernel call comes through here: other libraries' spinning threads would take the
+    # cores from its threads (see _blas, "the other thread pools").
+    _blas.prepare_numba_pool()
+    _blas.quiet_other_pools()
     return cpu
 
 

@@ -19,6 +19,9 @@ def collect() -> dict:
     import fastattn
     from . import _backends, _blas
 
+    if _backends.numba_unavailable_reason() is None:
+        _blas.prepare_numba_pool()  # before anything starts Numba's threads or imports torch
+
     info = {
         "fastattn": fastattn.__version__,
         "python": sys.version.split()[0],
@@ -39,10 +42,13 @@ def collect() -> dict:
         info["numba threads"] = numba.get_num_threads()
         info["numba threading layer"] = _threading_layer()
     info["blas threads in kernels"] = _blas.describe()
+    info.update(_blas.describe_pools())  # after the threading layer started: what it did
     reason = _backends.cuda_unavailable_reason()
     info["gpu"] = _gpu_name() if reason is None else f"none ({reason})"
     for var in ("NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "NUMBA_ENABLE_CUDASIM",
-                "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+                "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+                "OPENBLAS_THREAD_TIMEOUT", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY",
+                "FASTATTN_QUIET_POOLS"):
         if var in os.environ:
             info[var] = os.environ[var]
     return info
@@ -78,6 +84,8 @@ def _threading_layer() -> str:
 def _gpu_name() -> str:
     from numba import cuda
     device = cuda.get_current_device()
+    if not hasattr(device, "name"):  # NUMBA_ENABLE_CUDASIM=1: the simulator's device
+        return "Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1)"
     name = device.name.decode() if isinstance(device.name, bytes) else device.name
     return f"{name} (compute capability {device.compute_capability[0]}.{device.compute_capability[1]})"
 

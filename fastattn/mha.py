@@ -160,24 +160,51 @@ class _Projections:
     packed_b: np.ndarray | None = None
 
 
-def _linear(x2d: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
-    y = x2d @ w.T
-    if b is not None:
-        y += b
-    return y
+# Rows per BLAS product on Numba's threads: big enough that packing the weight, which every
+# product does afresh, stays a small part of it, small enough for 8 blocks at 4096 tokens. A
+# function of the row count only (never of the threads), so results do not depend on them.
+LINEAR_MIN_ROWS = 64
+LINEAR_MAX_ROWS = 512
+LINEAR_BLOCKS = 8
 
 
-def _project(x_q, x_k, x_v, p: _Projections):
+def linear_block_rows(n: int) -> int:
+    return max(LINEAR_MIN_ROWS, min(LINEAR_MAX_ROWS, -(-n // LINEAR_BLOCKS)))
+
+
+def _linear(x2d: np.ndarray, w: np.ndarray, b: np.ndarray | None,
+            on_numba: bool = False) -> np.ndarray:
+    """x2d @ w.T (+ b); ``on_numba``: on Numba's threads (see kernels/cpu/linear.py)."""
+    if not on_numba or not x2d.size or not w.size:
+        y = x2d @ w.T
+        if b is not None:
+            y += b
+        return y
+    from . import _blas, _numba
+    from .kernels.cpu.linear import linear
+
+    x2d, w = np.ascontiguousarray(x2d), np.ascontiguousarray(w)
+    bias = np.zeros(1, x2d.dtype) if b is None else np.ascontiguousarray(b)
+    out = np.empty((x2d.shape[0], w.shape[0]), x2d.dtype)
+    _numba._kernels()  # starts Numba's threads and quiets the other pools, as for a kernel
+    with _numba._lock, _blas.single_threaded_blas():
+        linear(_numba._readonly(x2d), _numba._readonly(w), _numba._readonly(bias),
+               b is not None, linear_block_rows(x2d.shape[0]), out)
+    return out
+
+
+def _project(x_q, x_k, x_v, p: _Projections, on_numba: bool = False):
     """The q, k, v projections of (tokens, features) inputs, as few matrix products as possible."""
     nq, nk = p.q_w.shape[0], p.k_w.shape[0]
     if p.packed_w is not None and x_q is x_k and x_k is x_v:  # self-attention
-        y = _linear(x_q, p.packed_w, p.packed_b)
+        y = _linear(x_q, p.packed_w, p.packed_b, on_numba)
         return y[:, :nq], y[:, nq:nq + nk], y[:, nq + nk:]
-    q = _linear(x_q, p.q_w, p.q_b)
+    q = _linear(x_q, p.q_w, p.q_b, on_numba)
     if p.packed_w is not None and x_k is x_v:  # one memory for key and value
-        y = _linear(x_k, p.packed_w[nq:], None if p.packed_b is None else p.packed_b[nq:])
+        y = _linear(x_k, p.packed_w[nq:], None if p.packed_b is None else p.packed_b[nq:],
+                    on_numba)
         return q, y[:, :nk], y[:, nk:]
-    return q, _linear(x_k, p.k_w, p.k_b), _linear(x_v, p.v_w, p.v_b)
+    return q, _linear(x_k, p.k_w, p.k_b, on_numba), _linear(x_v, p.v_w, p.v_b, on_numba)
 
 
 def _forward(query, key, value, p: _Projections, num_heads, num_kv_heads, *, key_padding_mask,
@@ -206,7 +233,9 @@ def _forward(query, key, value, p: _Projections, num_heads, num_kv_heads, *, key
     for x in (query, key, value):
         if id(x) not in flat:
             flat[id(x)] = np.asarray(x, dtype).reshape(-1, x.shape[-1])
-    q, k, v = _project(flat[id(query)], flat[id(key)], flat[id(value)], p)
+    # On the numba backend the products run on Numba's threads too: one pool for the layer.
+    on_numba = _backends.resolve(backend, query, key, value) == "numba"
+    q, k, v = _project(flat[id(query)], flat[id(key)], flat[id(value)], p, on_numba)
 
     # (tokens, heads * D) -> (B, heads, T, D), C-contiguous: the one copy the kernel needs.
     order = (1, 2, 0, 3) if batch_axis == 1 else (0, 2, 1, 3)
@@ -223,7 +252,7 @@ def _forward(query, key, value, p: _Projections, num_heads, num_kv_heads, *, key
     # Concatenate the heads back into the input's layout and project.
     back = (2, 0, 1, 3) if batch_axis == 1 else (0, 2, 1, 3)
     concat = heads.transpose(back).reshape(-1, heads.shape[1] * heads.shape[3])
-    out = _linear(concat, p.out_w, p.out_b)
+    out = _linear(concat, p.out_w, p.out_b, on_numba)
     out = out.reshape(query.shape[:-1] + (out.shape[-1],)).astype(in_dtype, copy=False)
 
     weights = None

@@ -284,7 +284,7 @@ def test_all_heads_go_through_one_sdpa_call_and_self_attention_one_input_product
     monkeypatch.setattr(mha_module, "scaled_dot_product_attention",
                         lambda q, *a, **kw: calls.append(q.shape) or sdpa(q, *a, **kw))
     monkeypatch.setattr(mha_module, "_linear",
-                        lambda x, w, b: products.append(w.shape) or linear(x, w, b))
+                        lambda x, w, b, *on: products.append(w.shape) or linear(x, w, b, *on))
     layer = fastattn.MultiHeadAttention(E, H, num_kv_heads=2)
     q, kv = inputs(np.float32, (B, L, E), (B, S, E))
     layer(q)

@@ -3,7 +3,10 @@
 Prints a header (CPU, threads, threading layer, BLAS, versions), this machine's matrix-product
 peak measured in the same run, then for each case and implementation the median time, GFLOP/s,
 the share of that peak, the extra memory of one call and the speed ratios against NumPy and
-PyTorch; then how time and memory grow with the sequence length L (fitted exponents).
+PyTorch; then how time and memory grow with the sequence length L (fitted exponents). With
+--pipeline (and in --full) also the pipeline cases, timed back to back with no settle time: a
+NumPy or PyTorch matmul then fastattn's attention, against the two alone, and fastattn's
+multi-head layer against PyTorch's.
 """
 from __future__ import annotations
 
@@ -54,6 +57,8 @@ examples:
   python -m fastattn bench --quick           # under a minute on 2 idle cores
   python -m fastattn bench                   # float32, B=1, H=8, D=64, L=S=1024,4096,8192
   python -m fastattn bench --memory-check    # one call at H=1, L=S=32768: < {MEMORY_LIMIT_MIB} MiB extra?
+  python -m fastattn bench --pipeline        # back to back as in a model: matmul then attention,
+                                             # and the layer against PyTorch's
   python -m fastattn bench --lengths 512,2048 --causal --threads 1 --impls numba,torch
   env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m fastattn bench --full \\
       --json bench/results.json --plot bench/results.png --markdown bench/RESULTS.md
@@ -96,6 +101,11 @@ def parse_args(argv) -> argparse.Namespace:
     what.add_argument("--full", action="store_true",
                       help="everything bench/RESULTS.md shows: the default cases, plus a float "
                            "mask, GQA, the multi-head layer and --memory-check")
+    what.add_argument("--pipeline", action="store_true",
+                      help="only the pipeline cases (in --full): steps timed back to back with "
+                           "no settle time, as in a model: NumPy's and PyTorch's matmul then "
+                           "fastattn's attention, against the two alone; fastattn's layer "
+                           "against PyTorch's")
     what.add_argument("--memory-check", action="store_true",
                       help=f"only the memory check: one call at B=1, H=1, L=S=32768, D=64 "
                            f"float32 must need < {MEMORY_LIMIT_MIB} MiB beyond inputs and output "
@@ -190,7 +200,7 @@ def build_groups(args) -> list[Group]:
     base = Problem(batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, dim=args.dim,
                    dtype=args.dtype, mask=mask)
     chosen = tuple(args.impls)
-    if args.memory_check:
+    if args.memory_check or (args.pipeline and not args.full):
         return []
     groups = [Group("attention", [base.with_(length=L, causal=c)
                                   for c in causal_modes for L in sorted(args.lengths)],
@@ -313,13 +323,15 @@ def run(args) -> dict:
     groups = build_groups(args)
     wanted = sorted({i for g in groups for i in g.impls} | ({"numba"} if args.memory_check or
                                                              args.full else set()))
-    if "torch" in wanted and impls.available("torch") is None:
+    pipeline = args.pipeline or args.full
+    if ("torch" in wanted or pipeline) and impls.available("torch") is None:
         import torch  # noqa: F401  (imported before the threads are set, so they apply to it)
     memory_reason = None if not args.no_memory else "--no-memory"
     memory_reason = memory_reason or measure.memory_supported()
     check = args.memory_check or args.full
     n_cases = sum(len(g.problems) for g in groups)
-    total = 3 + n_cases + (1 if memory_reason is None and n_cases else 0) + (1 if check else 0)
+    total = 3 + n_cases + (1 if memory_reason is None and n_cases else 0) + (1 if check else 0) \
+        + (1 if pipeline else 0)
     progress = Progress(total, enabled=not args.no_progress)
     started = time.perf_counter()
     results = {"command": "python -m fastattn bench " + shlex.join(args.argv),
@@ -354,6 +366,10 @@ def run(args) -> dict:
                 progress.advance()
             if n_cases:
                 _add_memory(results["groups"], args, memory_reason, progress)
+            if pipeline:
+                progress.step("pipeline: back to back, no settle time")
+                results["pipeline"] = run_pipeline(args, progress)
+                progress.advance()
             if check:
                 progress.step("memory check at L=S=32768")
                 results["memory_check"] = memory_check(args)
@@ -408,6 +424,88 @@ def _run_group(group: Group, args, progress: Progress) -> dict:
         del arrays, calls
         progress.advance()
     return out
+
+
+# --- pipeline ----------------------------------------------------------------------------------
+
+PIPELINE_GOALS = {"pair": 1.10, "layers": 1.2}
+
+
+def run_pipeline(args, progress: Progress) -> list:
+    """The pipeline cases (impls.pipeline_cases), timed back to back (measure.time_back_to_back).
+
+    "pair": the first step alone, the second alone and the two one after the other; the ratio
+    is the pair's time over the sum alone (goal: at most PIPELINE_GOALS["pair"]). "layers":
+    fastattn's layer and PyTorch's, each back to back; the ratio is PyTorch's time over
+    fastattn's (goal: at least PIPELINE_GOALS["layers"]).
+    """
+    calls, rounds = (7, 3) if args.quick else (10, 3)
+    records = []
+    for case in impls.pipeline_cases(args.dtype):
+        record = {"name": case["name"], "kind": case.get("kind")}
+        if "skipped" in case:
+            record["skipped"] = case["skipped"]
+            records.append(record)
+            continue
+        steps = case["steps"]
+        if case["kind"] == "pair":
+            sequences = {"first alone": [steps["matmul"]],
+                         "attention alone": [steps["attention"]],
+                         "one after the other": [steps["matmul"], steps["attention"]]}
+        else:
+            sequences = {name: [fn] for name, fn in steps.items()}
+        timing = measure.time_back_to_back(
+            sequences, calls=calls, rounds=rounds,
+            on_call=lambda fraction, what: progress.show(fraction, f"{case['name']}: {what}"))
+        record["ms"] = {name: t["median_s"] * 1e3 for name, t in timing.items()}
+        record["runs"] = min(t["runs"] for t in timing.values())
+        ms = record["ms"]
+        if case["kind"] == "pair":
+            record["sum_alone_ms"] = ms["first alone"] + ms["attention alone"]
+            record["ratio"] = ms["one after the other"] / record["sum_alone_ms"]
+            record["met"] = record["ratio"] <= PIPELINE_GOALS["pair"]
+        else:
+            record["ratio"] = ms["torch"] / ms["fastattn"]
+            record["met"] = record["ratio"] >= PIPELINE_GOALS["layers"]
+        records.append(record)
+    return records
+
+
+def _met(record: dict) -> str:
+    return "met" if record["met"] else "NOT met"
+
+
+def pipeline_lines(records: list, markdown: bool = False) -> list:
+    """The pipeline figures as text lines (or a Markdown table)."""
+    rows = []
+    for r in records:
+        if "skipped" in r:
+            rows.append((r["name"], "skipped: " + r["skipped"], "", ""))
+        elif r["kind"] == "pair":
+            ms = r["ms"]
+            rows.append((r["name"], f"{ms['first alone']:.2f} + {ms['attention alone']:.2f} = "
+                                    f"{r['sum_alone_ms']:.2f} ms alone; "
+                                    f"{ms['one after the other']:.2f} ms one after the other",
+                         f"{r['ratio']:.2f}x the sum",
+                         f"goal <= {PIPELINE_GOALS['pair']:.2f}: {_met(r)}"))
+        else:
+            ms = r["ms"]
+            rows.append((r["name"], f"fastattn {ms['fastattn']:.1f} ms, torch {ms['torch']:.1f} ms",
+                         f"{r['ratio']:.2f}x torch",
+                         f"goal >= {PIPELINE_GOALS['layers']:.1f}x: {_met(r)}"))
+    runs = min((r["runs"] for r in records if "runs" in r), default=0)
+    title = (f"pipeline: back to back, no settle time between calls (median of {runs} calls "
+             f"each, the cases taking turns)")
+    if markdown:
+        lines = [f"### {title[0].upper()}{title[1:]}", "", "| case | time | ratio | goal |",
+                 "|---|---|---:|---|"]
+        lines += [f"| {' | '.join(row)} |" for row in rows]
+        return lines
+    lines = ["", title]
+    for name, timing, ratio, goal in rows:
+        lines.append(f"  {name}")
+        lines.append(f"    {timing}" + (f"  ->  {ratio}  ({goal})" if ratio else ""))
+    return lines
 
 
 def _add_memory(groups: list, args, reason, progress: Progress):
@@ -474,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         results = run(args)
     print(report.render_text(results))
+    if results.get("pipeline"):
+        print("\n".join(pipeline_lines(results["pipeline"])))
     if args.json and not args.from_json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=str)
@@ -481,8 +581,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot and report.plot(results, args.plot):
         print(f"wrote {args.plot}")
     if args.markdown:
-        report.write_markdown(args.markdown, report.render_markdown(
-            results, plot_path=args.plot, markdown_path=args.markdown))
+        section = report.render_markdown(results, plot_path=args.plot,
+                                         markdown_path=args.markdown)
+        if results.get("pipeline"):
+            section = section.rstrip("\n") + "\n\n" + "\n".join(
+                pipeline_lines(results["pipeline"], markdown=True)) + "\n"
+        report.write_markdown(args.markdown, section)
         print(f"wrote {args.markdown}")
     check = results.get("memory_check")
     if check and check["passed"] is not None:

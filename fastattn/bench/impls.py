@@ -370,6 +370,63 @@ def _cuda(p: Problem, a: dict):
     return synced(lambda: fastattn.similarity(d["a"], d["b"], "dot", backend="cuda"))
 
 
+# --- pipelines -----------------------------------------------------------------------------------
+
+PIPELINE_MATMUL = (1024, 512, 512)   # h (1024, 512) @ W (512, 512): a projection before attention
+PIPELINE_ATTENTION = Problem(batch=1, heads=8, length=1024, dim=64, causal=True)
+PIPELINE_LAYERS = ((8, 512), (1, 4096))   # (B, L) at E=512, 8 heads
+
+
+def pipeline_cases(dtype: str = "float32") -> list:
+    """What ``bench --pipeline`` times back to back: each case is a dict with "name", "kind"
+    ("pair": two steps alone and one after the other; "layers": fastattn's layer against
+    PyTorch's) and its callables, or "skipped" with the reason."""
+    import fastattn
+
+    rng = np.random.default_rng(0)
+    n, k, m = PIPELINE_MATMUL
+    h = rng.standard_normal((n, k), dtype=np.float32).astype(dtype)
+    w = rng.standard_normal((k, m), dtype=np.float32).astype(dtype)
+    attention_problem = PIPELINE_ATTENTION.with_(dtype=dtype)
+    a = make_inputs(attention_problem)
+
+    def attention():
+        return fastattn.scaled_dot_product_attention(a["q"], a["k"], a["v"], is_causal=True,
+                                                     backend="numba")
+
+    matmul_label = f"NumPy matmul ({n}x{k} @ {k}x{m})"
+    attention_label = f"fastattn {attention_problem.label()}"
+    cases = [{"name": f"{matmul_label}, then {attention_label}", "kind": "pair",
+              "steps": {"matmul": lambda: h @ w, "attention": attention}}]
+    torch_reason = available("torch")
+    if torch_reason is not None:
+        cases.append({"name": "PyTorch matmul, then fastattn attention", "skipped": torch_reason})
+        return cases + [{"name": "fastattn.MultiHeadAttention against torch.nn.MultiheadAttention",
+                         "skipped": torch_reason}]
+    import torch
+
+    th, tw = torch.from_numpy(h), torch.from_numpy(w)
+
+    def torch_matmul():
+        with torch.inference_mode():
+            return th @ tw
+
+    cases.append({"name": f"PyTorch matmul ({n}x{k} @ {k}x{m}), then {attention_label}",
+                  "kind": "pair", "steps": {"matmul": torch_matmul, "attention": attention}})
+    for batch, length in PIPELINE_LAYERS:
+        for causal in (False, True):
+            p = Problem(op="mha", batch=batch, heads=8, length=length, dim=64, dtype=dtype,
+                        causal=causal)
+            x = make_inputs(p)
+            try:
+                layers = {"fastattn": prepare("numba", p, x), "torch": prepare("torch", p, x)}
+            except Unavailable as exc:
+                cases.append({"name": p.label(), "skipped": str(exc)})
+                continue
+            cases.append({"name": p.label(), "kind": "layers", "steps": layers})
+    return cases
+
+
 _PREPARE = {
     "numba": _fastattn("numba"),
     "numpy": _fastattn("numpy"),

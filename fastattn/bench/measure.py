@@ -102,6 +102,33 @@ def time_interleaved(calls: dict, min_runs: int, min_time: float, max_runs: int,
     return results
 
 
+def time_back_to_back(sequences: dict, calls: int = 20, rounds: int = 3, warmup: int = 2,
+                      on_call=None) -> dict:
+    """Median seconds of each named sequence of callables, called back to back as in a model.
+
+    Unlike :func:`time_interleaved` nothing settles between calls: whatever thread pools the
+    previous call left spinning are still spinning. A sequence (a list of callables, called in
+    order) runs ``warmup`` times untimed, then ``calls`` times timed, back to back; the sequences
+    take turns for ``rounds`` rounds, so that a change in load hits them all alike. Returns
+    {name: {"median_s", "min_s", "runs"}} (``runs`` = calls * rounds, the calls of the median).
+    """
+    times = {name: [] for name in sequences}
+    for r in range(rounds):
+        for name, fns in sequences.items():
+            if on_call is not None:
+                on_call(r / rounds, f"{name} round {r + 1}/{rounds}")
+            for i in range(warmup + calls):
+                start = time.perf_counter()
+                for fn in fns:
+                    result = fn()
+                elapsed = time.perf_counter() - start
+                del result
+                if i >= warmup:
+                    times[name].append(elapsed)
+    return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "runs": len(ts)}
+            for name, ts in times.items()}
+
+
 def gemm_peak(dtype: str = "float32", n: int = 4096, runs: int = 5) -> dict:
     """GFLOP/s of NumPy's matrix product (sgemm for float32, dgemm for float64), best of ``runs``.
 
@@ -135,6 +162,9 @@ def threads_limited(threads: int | None):
     if threads > numba.config.NUMBA_NUM_THREADS:
         raise SystemExit(f"--threads {threads}: Numba was started with at most "
                          f"{numba.config.NUMBA_NUM_THREADS} threads (set NUMBA_NUM_THREADS)")
+    from .. import _blas
+
+    _blas.prepare_numba_pool()  # before Numba's threads start: they start as fastattn's would
     before = numba.get_num_threads()
     numba.set_num_threads(threads)
     torch = sys.modules.get("torch")
