@@ -59,7 +59,7 @@ def mask_outside(row, first_kept, end_kept):
 @jit
 def softcap_row(row, softcap):
     """Logit softcapping (Gemma 2): s -> softcap * tanh(s / softcap)."""
-    inv = 1 / softcap
+    inv = row.dtype.type(1.0) / softcap  # (1 / a float32 would be a float64 in Numba)
     for j in range(row.shape[0]):
         row[j] = softcap * tanh(row[j] * inv)
 
