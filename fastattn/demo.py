@@ -17,6 +17,15 @@ WORDS_3D = {"orange": (0.0, 3.0, 0.0), "phone": (4.0, 0.0, 0.0), "apple": (2.0, 
             "and": (0.0, 0.0, 2.0), "an": (0.0, 0.0, 3.0)}
 APPLE_2D = np.array([2.0, 2.0])
 PLOT_FILE = "fastattn-demo.png"
+MASKS_FILE = "fastattn-masks.png"
+# The pictures of --masks: (title, L, S, keyword arguments of keys_seen / the attention).
+PATTERNS = [
+    ("is_causal=True\n(top-left: p(i) = i)", 6, 10, dict(is_causal=True)),
+    ('is_causal=True,\nalignment="bottom_right"\n(p(i) = i + S - L)', 6, 10,
+     dict(is_causal=True, alignment="bottom_right")),
+    ("is_causal=True, window=(3, 0)\n(a sliding window of 4 keys)", 10, 10,
+     dict(is_causal=True, window=(3, 0))),
+]
 CONTEXTS_2D = {"an apple and an orange": ("orange", np.array([0.0, 3.0])),
                "an apple phone": ("phone", np.array([4.0, 0.0]))}
 
@@ -110,6 +119,45 @@ def plot(path: str) -> None:
     print(f"\nplot written to {path}")
 
 
+def masks_figure():
+    """Which keys each query sees, for causal top-left, bottom-right with L < S, and a sliding
+    window: the weights of the numba backend (or the reference) where they are non-zero."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--masks needs matplotlib: pip install 'fastattn[bench]' or matplotlib")
+    fig, axes = plt.subplots(1, len(PATTERNS), figsize=(4 * len(PATTERNS), 3.6))
+    rng = np.random.default_rng(0)
+    for ax, (title, L, S, kw) in zip(axes, PATTERNS):
+        q, k = rng.standard_normal((L, 4)), rng.standard_normal((S, 4))
+        seen = fastattn.attention_weights(q, k, **kw) > 0
+        expected = fastattn.reference.keys_seen(L, S, kw.get("is_causal", False),
+                                                kw.get("alignment", "top_left"),
+                                                kw.get("window"))
+        assert np.array_equal(seen, expected), "the kernel and the reference disagree"
+        ax.imshow(seen, cmap="Blues", vmin=0, vmax=1.3, aspect="equal")
+        ax.set_xticks(range(S))
+        ax.set_yticks(range(L))
+        ax.set_xticks(np.arange(-0.5, S), minor=True)
+        ax.set_yticks(np.arange(-0.5, L), minor=True)
+        ax.grid(which="minor", color="white", lw=1)
+        ax.tick_params(which="minor", length=0)
+        ax.set_xlabel(f"key j (S = {S})")
+        ax.set_ylabel(f"query i (L = {L})")
+        ax.set_title(title, fontsize=10)
+    fig.suptitle("Which keys each query sees (blue: key j takes part in row i)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_masks(path: str) -> None:
+    fig = masks_figure()
+    fig.savefig(path, dpi=110)
+    print(f"\nmask pictures written to {path}")
+
+
 def timing(batch=1, heads=8, length=1024, dim=64) -> str:
     """One moderate size, numba against the NumPy reference (after a warm-up call each)."""
     if "numba" not in fastattn.backends():
@@ -140,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastattn demo", description=__doc__)
     parser.add_argument("--plot", metavar="FILE.png", nargs="?", const=PLOT_FILE,
                         help=f"draw the 2-d words and apple's moves (default file: {PLOT_FILE})")
+    parser.add_argument("--masks", metavar="FILE.png", nargs="?", const=MASKS_FILE,
+                        help="draw which keys each query sees: causal top-left, bottom-right "
+                             f"and a sliding window (default file: {MASKS_FILE})")
     parser.add_argument("--no-timing", action="store_true", help="skip the timing section")
     args = parser.parse_args(argv)
     np.set_printoptions(precision=3, suppress=True)
@@ -149,4 +200,6 @@ def main(argv: list[str] | None = None) -> int:
         print(timing())
     if args.plot:
         plot(args.plot)
+    if args.masks:
+        plot_masks(args.masks)
     return 0

@@ -382,3 +382,58 @@ def test_inputs_are_never_written(backend, rng):
     fastattn.attention_weights(q, k, mask, backend=backend, **kw)
     for a, b in zip((q, k, v, mask, slopes), copies):
         np.testing.assert_array_equal(a, b)
+
+
+# --- the bench CLI and the demo -----------------------------------------------------------------
+
+def test_bench_flags_make_the_variant_problems():
+    from fastattn.bench import cli, impls
+    args = cli.parse_args(["--lengths", "600", "--causal", "--window", "100", "--softcap", "30",
+                           "--alibi", "--alignment", "bottom_right"])
+    (group,) = cli.build_groups(args)
+    (p,) = group.problems
+    assert (p.window, p.softcap, p.alibi, p.alignment) == ((100, 0), 30.0, True, "bottom_right")
+    assert "window=(100,0)" in p.label() and "softcap=30" in p.label() and "alibi" in p.label()
+    # the pairs a causal window of 101 keys keeps: 1 + 2 + ... + 100 for the first rows, then 101
+    assert p.with_(alignment="top_left").keys_seen() == sum(range(1, 101)) + 101 * 500
+    assert p.flops() == 4 * 8 * 64 * p.keys_seen()
+    assert cli.parse_args(["--window", "none,5"]).window == (None, 5)
+    args = cli.parse_args(["--lengths", "1024,2048", "--variants"])
+    (group,) = cli.build_groups(args)
+    assert [q.length for q in group.problems] == [2048] * 4 + [1024]
+    assert all(q.causal for q in group.problems)
+    assert group.problems[1].window == (1023, 0) and group.problems[2].softcap == 30.0
+    assert group.problems[3].alibi and group.problems[4].alignment == "bottom_right"
+    np.testing.assert_allclose(impls.alibi_slopes(8), 2.0 ** -np.arange(1, 9))
+
+
+@pytest.mark.parametrize("argv", [["--window", "-1"], ["--window", "1.5"], ["--window", "1,2,3"],
+                                  ["--softcap", "0"], ["--softcap", "nan"],
+                                  ["--alignment", "middle"]])
+def test_bench_rejects_bad_variant_flags(argv, capsys):
+    from fastattn.bench import cli
+    with pytest.raises(SystemExit):
+        cli.parse_args(argv)
+    assert argv[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kw", [dict(window=(40, 0)), dict(alibi=True),
+                                dict(window=(None, 7), alignment="bottom_right", kv_length=300)])
+def test_bench_torch_gets_the_same_pattern_as_an_explicit_mask(kw):
+    _torch()
+    from fastattn.bench import impls
+    p = impls.Problem(heads=2, length=200, dim=16, causal=True, mask="bool", **kw)
+    a = impls.make_inputs(p)
+    got = impls.prepare("numba" if "numba" in fastattn.backends() else "numpy", p, a)()
+    np.testing.assert_allclose(got, impls.prepare("torch", p, a)().numpy(), rtol=1e-5,
+                               atol=2e-6)
+    with pytest.raises(impls.Unavailable, match="softcap"):
+        impls.prepare("torch", p.with_(softcap=30.0), a)
+
+
+def test_demo_masks_draws_the_patterns(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fastattn import demo
+    path = tmp_path / "masks.png"
+    assert demo.main(["--no-timing", "--masks", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -35,7 +35,9 @@ implementations:
   numba    fastattn's fused CPU kernels (backend="numba")
   numpy    fastattn's NumPy reference (backend="numpy")
   formula  the plain NumPy formula softmax(q @ k.T * scale) @ v, written in place
-  torch    torch.nn.functional.scaled_dot_product_attention (PyTorch's CPU flash kernel)
+  torch    torch.nn.functional.scaled_dot_product_attention (PyTorch's CPU flash kernel);
+           a window, bottom-right alignment or ALiBi as the explicit mask or bias SDPA needs
+  flex     torch.compile(flex_attention) on the CPU, the variants as mask_mod and score_mod
   cuda     fastattn on the GPU, inputs already there (only when a CUDA GPU is usable)
   Ratios "x numpy", "x formula", "x torch" are that implementation's time over this one's:
   above 1 means this one is faster.
@@ -60,6 +62,8 @@ examples:
   python -m fastattn bench --pipeline        # back to back as in a model: matmul then attention,
                                              # and the layer against PyTorch's
   python -m fastattn bench --lengths 512,2048 --causal --threads 1 --impls numba,torch
+  python -m fastattn bench --lengths 8192 --causal --window 1023,0   # a sliding window
+  python -m fastattn bench --lengths 8192 --variants  # causal, window, softcap, ALiBi in one run
   env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m fastattn bench --full \\
       --json bench/results.json --plot bench/results.png --markdown bench/RESULTS.md
                   # what bench/RESULTS.md shows: --markdown replaces the text between its
@@ -87,6 +91,38 @@ def _name_list(choices):
                 f"choose from {', '.join(choices)}; got {text!r}")
         return names
     return parse
+
+
+def _window(text: str) -> tuple:
+    """LEFT[,RIGHT]: ints >= 0 or "none" (unbounded); RIGHT defaults to 0."""
+    parts = text.split(",")
+    if len(parts) > 2:
+        raise argparse.ArgumentTypeError(f"expected LEFT[,RIGHT], got {text!r}")
+    sides = []
+    for part in parts + (["0"] if len(parts) == 1 else []):
+        part = part.strip().lower()
+        if part == "none":
+            sides.append(None)
+            continue
+        try:
+            value = int(part)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise argparse.ArgumentTypeError(
+                f"window sides are ints >= 0 or 'none', got {part!r} in {text!r}")
+        sides.append(value)
+    return tuple(sides)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
 
 
 def parse_args(argv) -> argparse.Namespace:
@@ -124,6 +160,23 @@ def parse_args(argv) -> argparse.Namespace:
     what.add_argument("--dim", type=int, default=64, metavar="D", help="head size (default 64)")
     what.add_argument("--mask", choices=("none", "float", "bool"), default="none",
                       help="an (L, S) mask broadcast over batch and heads (default none)")
+    variants = parser.add_argument_group("attention variants (fastattn's arguments of the same "
+                                         "names)")
+    variants.add_argument("--window", type=_window, metavar="LEFT[,RIGHT]",
+                          help="key j takes part only if i - LEFT <= j <= i + RIGHT (RIGHT "
+                               "default 0, 'none' = unbounded): --causal --window 1023 is a "
+                               "sliding window of 1024 keys")
+    variants.add_argument("--softcap", type=_positive_float, metavar="C",
+                          help="scores become C * tanh(scores / C) (Gemma 2 uses 50)")
+    variants.add_argument("--alibi", action="store_true",
+                          help="ALiBi with the standard slopes 2^(-8 (h + 1) / H)")
+    variants.add_argument("--alignment", choices=("top_left", "bottom_right"),
+                          default="top_left",
+                          help="where queries sit among the keys (default top_left)")
+    variants.add_argument("--variants", action="store_true",
+                          help="one group at the largest length, causal: plain, window "
+                               "(1023, 0) (or --window), softcap 30 (or --softcap), ALiBi and "
+                               "bottom-right with L = S / 2, timed in one run (in --full)")
     what.add_argument("--impls", type=_name_list(impls.IMPLS["attention"]), metavar="NAME,...",
                       default=list(impls.IMPLS["attention"]),
                       help="implementations to compare (default: all usable here)")
@@ -198,10 +251,13 @@ def build_groups(args) -> list[Group]:
     causal_modes = [True] if args.causal else [False] if args.no_causal else [False, True]
     mask = None if args.mask == "none" else args.mask
     base = Problem(batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, dim=args.dim,
-                   dtype=args.dtype, mask=mask)
+                   dtype=args.dtype, mask=mask, alignment=args.alignment, window=args.window,
+                   softcap=args.softcap, alibi=args.alibi)
     chosen = tuple(args.impls)
     if args.memory_check or (args.pipeline and not args.full):
         return []
+    if args.variants and not args.full:
+        return [_variants_group(args, chosen)]
     groups = [Group("attention", [base.with_(length=L, causal=c)
                                   for c in causal_modes for L in sorted(args.lengths)],
                     sweep=len(args.lengths) > 1, impls=chosen)]
@@ -220,7 +276,22 @@ def build_groups(args) -> list[Group]:
         groups.append(Group("multi-head layer", [mha],
                             impls=tuple(i for i in chosen if i in impls.IMPLS["mha"]),
                             note=note))
+        groups.append(_variants_group(args, chosen))
     return groups
+
+
+def _variants_group(args, chosen) -> Group:
+    """Causal attention at the largest length, plain and with each variant, in one group (so
+    in one interleaved run: the ratios to the plain case are what to read)."""
+    L = max(args.lengths)
+    causal = Problem(batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, dim=args.dim,
+                     dtype=args.dtype, length=L, causal=True)
+    problems = [causal, causal.with_(window=args.window or (1023, 0)),
+                causal.with_(softcap=args.softcap or 30.0), causal.with_(alibi=True),
+                causal.with_(length=L // 2, kv_length=L, alignment="bottom_right")]
+    return Group("attention variants", problems, impls=tuple(i for i in chosen
+                                                             if i in impls.IMPLS["attention"]),
+                 note="read each variant against the plain causal case of the same run")
 
 
 # --- progress ----------------------------------------------------------------------------------

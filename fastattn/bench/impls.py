@@ -10,7 +10,9 @@ Implementations:
     numpy    fastattn, backend="numpy" (the reference, through the checked API)
     formula  the plain NumPy formula a user would write: softmax(q k^T * scale) v, in place
     scipy    scipy.special.softmax (softmax only)
-    torch    PyTorch on CPU tensors sharing the NumPy arrays' memory
+    torch    PyTorch on CPU tensors sharing the NumPy arrays' memory (attention variants as an
+             explicit mask or bias, as a user of SDPA would have to write them)
+    flex     PyTorch's compiled ``flex_attention`` on the CPU (variants as mask_mod/score_mod)
     cuda     fastattn, backend="cuda", inputs already on the GPU (timed to the end of the kernel)
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 
 OPS = ("attention", "softmax", "similarity", "mha")
 IMPLS = {
-    "attention": ("numba", "numpy", "formula", "torch", "cuda"),
+    "attention": ("numba", "numpy", "formula", "torch", "flex", "cuda"),
     "softmax": ("numba", "numpy", "formula", "scipy", "torch", "cuda"),
     "similarity": ("numba", "numpy", "formula", "torch", "cuda"),
     "mha": ("numba", "numpy", "torch"),
@@ -44,6 +46,9 @@ class Problem:
     layer on (B, L, H*D) embeddings, self-attention).
     mask: None, "float" (an additive (L, S) bias) or "bool" (an (L, S) keep mask), broadcast over
     batch and heads.
+    The attention variants, as fastattn's arguments: alignment ("top_left"/"bottom_right"),
+    window ((left, right), None for an unbounded side), softcap (a float) and alibi (the
+    standard slopes 2^(-8 (h + 1) / H) per head).
     """
     op: str = "attention"
     batch: int = 1
@@ -55,8 +60,17 @@ class Problem:
     dtype: str = "float32"
     causal: bool = False
     mask: str | None = None
+    alignment: str = "top_left"
+    window: tuple | None = None
+    softcap: float | None = None
+    alibi: bool = False
 
     def __post_init__(self):
+        if self.window is not None:  # (a list once read back from JSON)
+            object.__setattr__(self, "window", tuple(self.window))
+        if self.alignment not in ("top_left", "bottom_right"):
+            raise ValueError(f"alignment must be 'top_left' or 'bottom_right', got "
+                             f"{self.alignment!r}")
         if self.op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
         if self.dtype not in DTYPES:
@@ -78,15 +92,45 @@ class Problem:
     def gqa(self) -> bool:
         return self.hkv != self.heads
 
+    @property
+    def variants(self) -> dict:
+        """The variant arguments of fastattn's attention (those that are set)."""
+        out = {}
+        if self.alignment != "top_left":
+            out["alignment"] = self.alignment
+        if self.window is not None:
+            out["window"] = self.window
+        if self.softcap is not None:
+            out["softcap"] = self.softcap
+        if self.alibi:
+            out["alibi_slopes"] = alibi_slopes(self.heads)
+        return out
+
+    def keys_seen(self) -> int:
+        """Query-key pairs that take part under causal and the window (masks aside)."""
+        offset = 0 if self.alignment == "top_left" else self.S - self.length
+        left, right = self.window if self.window is not None else (None, None)
+        p = np.arange(self.length, dtype=np.int64) + offset
+        lo = np.zeros_like(p) if left is None else np.maximum(p - left, 0)
+        hi = np.full_like(p, self.S - 1)
+        if right is not None:
+            hi = np.minimum(hi, p + right)
+        if self.causal:
+            hi = np.minimum(hi, p)
+        return int(np.maximum(hi - lo + 1, 0).sum())
+
     def flops(self) -> float:
         """Floating-point operations, counted as PyTorch and FlashAttention do.
 
-        Attention: 4*B*H*L*S*D (two matrix products), half that when causal. Similarity: half of
+        Attention: 4*B*H*L*S*D (two matrix products), half that when causal (with a window or
+        bottom-right alignment: 4*B*H*D per query-key pair that takes part). Similarity: half of
         that (one product). MHA: the attention plus the four projections, 8*B*L*E^2. Softmax: 0
         (it is memory-bound; GFLOP/s is not shown for it).
         """
         B, H, L, S, D = self.batch, self.heads, self.length, self.S, self.dim
         attention = 4.0 * B * H * L * S * D * (0.5 if self.causal else 1.0)
+        if self.window is not None or self.alignment != "top_left":
+            attention = 4.0 * B * H * D * self.keys_seen()  # the pairs a window keeps
         if self.op == "attention":
             return attention
         if self.op == "similarity":
@@ -111,6 +155,15 @@ class Problem:
                 parts.append(f"D={self.dim}")
         if self.causal:
             parts.append("causal")
+        if self.alignment != "top_left":
+            parts.append(self.alignment)
+        if self.window is not None:
+            left, right = ("none" if w is None else w for w in self.window)
+            parts.append(f"window=({left},{right})")
+        if self.softcap is not None:
+            parts.append(f"softcap={self.softcap:g}")
+        if self.alibi:
+            parts.append("alibi")
         if self.mask:
             parts.append(f"{self.mask} mask")
         if self.dtype != "float32":
@@ -127,6 +180,11 @@ class Problem:
 
 
 # --- inputs ------------------------------------------------------------------------------------
+
+def alibi_slopes(heads: int) -> np.ndarray:
+    """The ALiBi paper's slopes 2^(-8 (h + 1) / H) for heads h = 0 .. H - 1."""
+    return 2.0 ** (-8.0 * np.arange(1, heads + 1) / heads)
+
 
 def make_inputs(p: Problem, seed: int = 0) -> dict:
     """The NumPy inputs of a problem (standard normal values, fixed seed)."""
@@ -178,8 +236,13 @@ def available(impl: str) -> str | None:
     if impl == "numba":
         from .._backends import numba_unavailable_reason
         return numba_unavailable_reason()
-    if impl == "torch" and importlib.util.find_spec("torch") is None:
+    if impl in ("torch", "flex") and importlib.util.find_spec("torch") is None:
         return "PyTorch is not installed (pip install torch)"
+    if impl == "flex":
+        try:
+            from torch.nn.attention import flex_attention  # noqa: F401
+        except ImportError as exc:
+            return f"this PyTorch has no flex_attention ({exc})"
     if impl == "scipy" and importlib.util.find_spec("scipy") is None:
         return "SciPy is not installed"
     if impl == "cuda":
@@ -210,9 +273,10 @@ def _fastattn(backend: str):
         import fastattn
 
         if p.op == "attention":
+            variants = p.variants
             return lambda: fastattn.scaled_dot_product_attention(
                 a["q"], a["k"], a["v"], a.get("mask"), is_causal=p.causal, enable_gqa=p.gqa,
-                backend=backend)
+                backend=backend, **variants)
         if p.op == "softmax":
             if p.mask == "float":
                 raise Unavailable("fastattn.softmax takes bool masks only")
@@ -234,13 +298,16 @@ def _fastattn_mha(p: Problem, a: dict, backend: str):
     except TypeError as exc:
         raise Unavailable(f"fastattn.MultiHeadAttention: {exc}") from None
     x, mask = a["x"], a.get("mask")
-    return lambda: layer(x, attn_mask=mask, is_causal=p.causal, backend=backend)
+    variants = p.variants
+    return lambda: layer(x, attn_mask=mask, is_causal=p.causal, backend=backend, **variants)
 
 
 def _formula(p: Problem, a: dict):
     """The plain NumPy formula, written with care (in place, no needless temporaries)."""
     if p.op == "mha":
         raise Unavailable("no plain formula for the layer (the numpy implementation is one)")
+    if p.variants:
+        raise Unavailable("the plain formula has no variants (the numpy implementation has)")
     if p.op == "similarity":
         x, y = a["a"], a["b"]
         return lambda: x @ np.swapaxes(y, -1, -2)
@@ -313,13 +380,106 @@ def _torch(p: Problem, a: dict):
         if p.mask == "float":
             return no_grad(lambda: torch.softmax(x + mask, dim=-1))
         return no_grad(lambda: torch.softmax(x, dim=-1))
-    if p.causal and p.mask:
-        raise Unavailable("torch's scaled_dot_product_attention takes a mask or is_causal, "
-                          "not both")
     kwargs = {"enable_gqa": True} if p.gqa else {}
     sdpa = torch.nn.functional.scaled_dot_product_attention
     q, k, v, mask = t["q"], t["k"], t["v"], t.get("mask")
+    if p.variants:
+        mask = _torch_pattern_mask(p, a)
+        return no_grad(lambda: sdpa(q, k, v, attn_mask=mask, **kwargs))
+    if p.causal and p.mask:
+        raise Unavailable("torch's scaled_dot_product_attention takes a mask or is_causal, "
+                          "not both")
     return no_grad(lambda: sdpa(q, k, v, attn_mask=mask, is_causal=p.causal, **kwargs))
+
+
+# An explicit ALiBi bias is (H, L, S) floats: 2 GiB at H=8, L=S=8192.
+MAX_BIAS_BYTES = 4 << 30
+
+
+def _torch_pattern_mask(p: Problem, a: dict):
+    """The variants as SDPA needs them: an explicit (L, S) bool mask for causal and the window,
+    an (H, L, S) float bias when ALiBi is on (built here, outside the timed part)."""
+    import torch
+
+    from .. import reference
+
+    if p.softcap is not None:
+        raise Unavailable("torch's scaled_dot_product_attention has no softcap (see flex)")
+    keep = reference.keys_seen(p.length, p.S, p.causal, p.alignment, p.window)
+    user = a.get("mask")
+    if not p.alibi:
+        if p.mask == "float":
+            return torch.from_numpy(np.where(keep, user, -np.inf).astype(user.dtype))
+        return torch.from_numpy(keep & user if p.mask == "bool" else keep)
+    nbytes = p.heads * p.length * p.S * np.dtype(p.dtype).itemsize
+    if nbytes > MAX_BIAS_BYTES:
+        raise Unavailable(f"the explicit ALiBi bias would take {nbytes / 2**30:.1f} GiB")
+    if p.mask == "bool":
+        keep = keep & user
+    bias = reference.alibi_bias(alibi_slopes(p.heads), p.length, p.S, p.alignment,
+                                np.dtype(p.dtype))
+    bias[:, ~keep] = -np.inf
+    if p.mask == "float":
+        bias += user
+    return torch.from_numpy(bias)
+
+
+def _flex(p: Problem, a: dict):
+    """PyTorch's flex_attention compiled for the CPU: causal, window and a bool mask as a
+    block-sparse mask_mod, softcap, ALiBi and a float mask as a score_mod."""
+    if p.op != "attention":
+        raise Unavailable("flex_attention is attention only")
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    t = {name: torch.from_numpy(arr) for name, arr in a.items()}
+    q, k, v = t["q"], t["k"], t["v"]
+    offset = 0 if p.alignment == "top_left" else p.S - p.length
+    left, right = p.window if p.window is not None else (None, None)
+    if p.causal:
+        right = 0 if right is None else min(right, 0)
+    keep = t.get("mask") if p.mask == "bool" else None
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        position = q_idx + offset
+        ok = kv_idx >= 0
+        if left is not None:
+            ok = ok & (kv_idx >= position - left)
+        if right is not None:
+            ok = ok & (kv_idx <= position + right)
+        if keep is not None:
+            ok = ok & keep[q_idx, kv_idx]
+        return ok
+
+    softcap, add = p.softcap, t.get("mask") if p.mask == "float" else None
+    slopes = torch.from_numpy(alibi_slopes(p.heads).astype(p.dtype)) if p.alibi else None
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        if softcap is not None:
+            score = softcap * torch.tanh(score / softcap)
+        if add is not None:
+            score = score + add[q_idx, kv_idx]
+        if slopes is not None:
+            score = score - slopes[h] * (q_idx + offset - kv_idx).abs()
+        return score
+
+    try:
+        masked = left is not None or right is not None or keep is not None
+        block_mask = create_block_mask(mask_mod, None, None, p.length, p.S, device="cpu") \
+            if masked else None
+        compiled = torch.compile(flex_attention, dynamic=False)
+        plain = softcap is None and add is None and slopes is None
+
+        def call():
+            with torch.inference_mode():
+                return compiled(q, k, v, score_mod=None if plain else score_mod,
+                                block_mask=block_mask, enable_gqa=p.gqa)
+        call()  # compiles; a failure here is reported as the reason, not a crash
+    except Exception as exc:  # noqa: BLE001 - any failure of torch.compile means "cannot run"
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise Unavailable(f"flex_attention failed here: {type(exc).__name__}: "
+                          f"{message[:200]}") from None
+    return call
 
 
 def _torch_mha(p: Problem, t: dict):
@@ -327,6 +487,8 @@ def _torch_mha(p: Problem, t: dict):
 
     if p.gqa:
         raise Unavailable("torch.nn.MultiheadAttention has no grouped-query attention")
+    if p.variants:
+        raise Unavailable("torch.nn.MultiheadAttention has no window, softcap or ALiBi")
     E = p.heads * p.dim
     dtype = getattr(torch, p.dtype)
     layer = torch.nn.MultiheadAttention(E, p.heads, batch_first=True, dtype=dtype).eval()
@@ -360,9 +522,10 @@ def _cuda(p: Problem, a: dict):
         return call
 
     if p.op == "attention":
+        variants = p.variants
         return synced(lambda: fastattn.scaled_dot_product_attention(
             d["q"], d["k"], d["v"], d.get("mask"), is_causal=p.causal, enable_gqa=p.gqa,
-            backend="cuda"))
+            backend="cuda", **variants))
     if p.op == "softmax":
         if p.mask == "float":
             raise Unavailable("fastattn.softmax takes bool masks only")
@@ -433,5 +596,6 @@ _PREPARE = {
     "formula": _formula,
     "scipy": _scipy,
     "torch": _torch,
+    "flex": _flex,
     "cuda": _cuda,
 }

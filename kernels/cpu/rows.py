@@ -59,7 +59,7 @@ def mask_outside(row, first_kept, end_kept):
 @jit
 def softcap_row(row, softcap):
     """Logit softcapping (Gemma 2): s -> softcap * tanh(s / softcap)."""
-    inv = 1 / softcap
+    inv = row.dtype.type(1.0) / softcap  # (1 / a float32 would be a float64 in Numba)
     for j in range(row.shape[0]):
         row[j] = softcap * tanh(row[j] * inv)
 
@@ -68,9 +68,13 @@ def softcap_row(row, softcap):
 def alibi_row(row, slope, position):
     """ALiBi: adds -slope * |position - j| to key j of ``row`` (``position``: the query's position
     minus the row's first key, so possibly outside the row)."""
-    dtype = row.dtype.type
+    # The distance as a float counting down, exact for any |position - j| < 2^24: AVX2 has no
+    # vector int64 -> float conversion, so dtype(position - j) would make the loop scalar.
+    distance = row.dtype.type(position)
+    one = row.dtype.type(1.0)  # (a bare 1 would make distance a float64)
     for j in range(row.shape[0]):
-        row[j] -= slope * dtype(abs(position - j))
+        row[j] -= slope * abs(distance)
+        distance -= one
 
 
 @jit
