@@ -2,6 +2,7 @@
 (nothing downloaded): the same logits as "sdpa" (or "eager" where sdpa has no softcap) within 1e-4
 in float32, the same 32 greedy tokens, left padding in a batch of 2, bfloat16 models that run.
 """
+import inspect
 import os
 
 import pytest
@@ -136,12 +137,15 @@ def test_decode_reads_the_models_own_cache(calls):
     model = build(llama, NAME)
     ids, mask, _ = batch()
     cache = transformers.DynamicCache(config=model.config)
+    # transformers 5.x renames past_key_values to cache
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else \
+        "past_key_values"
     with torch.no_grad():
-        out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = model(ids, attention_mask=mask, use_cache=True, **{cache_kw: cache})
         calls.clear()
         step = out.logits[:, -1:].argmax(-1)
         model(step, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
-              past_key_values=cache, use_cache=True)
+              use_cache=True, **{cache_kw: cache})
     assert len(calls) == 2
     for layer, c in zip(cache.layers, calls):
         assert c["query"].shape[-2] == 1 and c["key"].shape[-2] == 13

@@ -19,10 +19,14 @@ place. Training runs through :func:`fastattn.torch.scaled_dot_product_attention`
 """
 from __future__ import annotations
 
-import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import (AttentionMaskInterface, bidirectional_mask_function,
-                                        causal_mask_function, sdpa_mask)
+try:
+    import torch
+    from transformers import AttentionInterface
+    from transformers.masking_utils import (AttentionMaskInterface, bidirectional_mask_function,
+                                            causal_mask_function, sdpa_mask)
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(f"fastattn.integrations.transformers needs torch and transformers >= 5.24 "
+                      f"(pip install 'fastattn[hf]'): {exc}") from exc
 
 from .. import torch as fastattn_torch
 
