@@ -244,3 +244,13 @@ def test_training_gradients_equal_sdpa():
 def test_register_refuses_unknown_options():
     with pytest.raises(TypeError, match="unknown option"):
         fa_hf.register("fastattn_bad", backnd="numpy")
+
+
+def test_the_bench_case_runs_on_a_tiny_model():
+    from fastattn.bench import transformers_case
+    tiny = dict(SMALL, num_hidden_layers=1)
+    rows = transformers_case.run(tiny, lengths=(16,), context=16, steps=2, dtypes=("float32",),
+                                 min_runs=1, min_time=0.0)
+    assert [r["case"] for r in rows] == ["prefill L=16", "decode 2 steps at 16"]
+    assert all(r["sdpa"]["median_s"] > 0 and r["fastattn"]["median_s"] > 0 for r in rows)
+    assert "x sdpa" in transformers_case.render(rows)
