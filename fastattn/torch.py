@@ -8,11 +8,14 @@ and semantics, with autograd.
 CPU tensors are read in place as NumPy arrays (no copy of contiguous, or as the NumPy path takes
 them, strided tensors) and the result is handed back with ``torch.from_numpy`` (no copy). CUDA
 tensors go to the ``cuda`` backend through ``__cuda_array_interface__`` and come back as CUDA
-tensors on the same device. bfloat16 tensors are computed in float32 and returned as bfloat16
-(for now the adapter converts them; float16 is widened by fastattn itself).
+tensors on the same device (the cuda backend runs on Numba's default stream: the caller's stream
+is synchronised before and after). bfloat16 tensors are computed in float32 and returned as
+bfloat16: for now the adapter converts them (a float32 copy of q, k, v; reading 16-bit inputs
+in place in the kernels comes later); float16 is widened by fastattn itself.
 
 The differences from PyTorch: ``dropout_p`` must be 0; a query row with no key taking part gives
-zeros (PyTorch 2.5 and later do the same); the keyword-only ``fastattn_options`` are those of
+zeros (as PyTorch 2.13's CPU kernels do); a mask combines with ``is_causal`` (PyTorch refuses
+both); the keyword-only ``fastattn_options`` are those of
 :func:`fastattn.scaled_dot_product_attention` (``similarity``, ``alignment``, ``window``,
 ``softcap``, ``alibi_slopes``, ``return_lse``, ``backend``).
 
@@ -28,7 +31,7 @@ from . import _prepare, reference
 
 __all__ = ["scaled_dot_product_attention"]
 
-# The keyword-only options of fastattn.scaled_dot_product_attention taken through **fastattn_options.
+# The keyword-only options of fastattn.scaled_dot_product_attention, taken as **fastattn_options.
 OPTIONS = ("similarity", "alignment", "window", "softcap", "alibi_slopes", "return_lse",
            "backend")
 _SIXTEEN_BIT_CONVERTED = (torch.bfloat16,)  # NumPy has no bfloat16: computed via float32 here
@@ -112,7 +115,8 @@ def _sync_for(device):
         torch.cuda.current_stream(device).synchronize()
 
 
-def _forward(query, key, value, attn_mask, is_causal, scale, enable_gqa, options, want_lse):
+def _forward(query, key, value, attn_mask, is_causal, scale, enable_gqa, options):
+    """(out, lse) as tensors: out in the inputs' dtype, lse in the compute dtype."""
     device, dtype = query.device, query.dtype
     opts = {k: v for k, v in options.items() if k != "return_lse"}
     _sync_for(device)
@@ -212,14 +216,14 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, attn_mask, is_causal, scale, enable_gqa, options):
-        out, lse = _forward(query, key, value, attn_mask, is_causal, scale, enable_gqa, options,
-                            want_lse=True)
+        out, lse = _forward(query, key, value, attn_mask, is_causal, scale, enable_gqa, options)
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.attn_mask = attn_mask
         ctx.args = (is_causal, scale, enable_gqa, options)
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative raises, never silently 0
     def backward(ctx, grad_out):
         query, key, value, out, lse = ctx.saved_tensors
         grads = _backward(grad_out, query, key, value, out, lse, ctx.attn_mask, *ctx.args)
@@ -260,6 +264,5 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     if needs_grad:
         return _Attention.apply(query, key, value, attn_mask, is_causal, scale, enable_gqa,
                                 options)
-    out, lse = _forward(query, key, value, attn_mask, is_causal, scale, enable_gqa, options,
-                        want_lse=bool(options.get("return_lse")))
+    out, lse = _forward(query, key, value, attn_mask, is_causal, scale, enable_gqa, options)
     return (out, lse) if options.get("return_lse") else out

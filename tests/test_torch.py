@@ -307,6 +307,15 @@ def test_loss_backward_fills_grad(rng):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-5)
 
 
+def test_a_second_derivative_is_refused(rng):
+    q, k, v = (torch.from_numpy(x.astype(np.float32)).requires_grad_() for x in
+               make(rng, (2, 30, 16), (2, 40, 16)))
+    out = ft.scaled_dot_product_attention(q, k, v)
+    grad_q, = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        grad_q.sum().backward()
+
+
 def test_only_the_tensors_that_need_grad_get_one(rng):
     q, k, v = (torch.from_numpy(x.astype(np.float32)) for x in make(rng, (2, 30, 16), (2, 40, 16)))
     k.requires_grad_()
