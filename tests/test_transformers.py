@@ -254,3 +254,32 @@ def test_the_bench_case_runs_on_a_tiny_model():
     assert [r["case"] for r in rows] == ["prefill L=16", "decode 2 steps at 16"]
     assert all(r["sdpa"]["median_s"] > 0 and r["fastattn"]["median_s"] > 0 for r in rows)
     assert "x sdpa" in transformers_case.render(rows)
+
+
+def test_packed_sequences_use_transformers_complete_mask(calls):
+    # Two sequences packed in one row (position ids restart, no cache): a pattern fastattn's mask
+    # interface does not recognise, so transformers' sdpa_mask materialises it.
+    model = build(llama, "sdpa")
+    ids, _, _ = batch()
+    ids = ids[:1]
+    positions = torch.cat([torch.arange(6), torch.arange(6)])[None]
+    with torch.no_grad():
+        want = model(ids, position_ids=positions, use_cache=False).logits
+        model.set_attn_implementation(NAME)
+        got = model(ids, position_ids=positions, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert all(c["mask"].shape == (1, 1, 12, 12) and not c["kwargs"]["is_causal"] for c in calls)
+    assert not calls[0]["mask"][0, 0, 6, :6].any()  # the second sequence does not see the first
+
+
+def test_static_cache_generation(calls):
+    model = build(llama, "sdpa")
+    ids, mask, _ = batch()
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+              cache_implementation="static")
+    with torch.no_grad():
+        want = model.generate(ids, **kw)
+        model.set_attn_implementation(NAME)
+        got = model.generate(ids, **kw)
+    assert torch.equal(got, want)
+    assert any(c["query"].shape[-2] == 1 for c in calls)
