@@ -12,8 +12,8 @@ setup(
     python_requires=">=3.10",
     # The kernels live in kernels/ at the top of the repository and install as fastattn.kernels,
     # so nothing named `kernels` lands at the top level of site-packages.
-    packages=["fastattn", "fastattn.bench", "fastattn.kernels", "fastattn.kernels.cpu",
-              "fastattn.kernels.cuda"],
+    packages=["fastattn", "fastattn.bench", "fastattn.integrations", "fastattn.kernels",
+              "fastattn.kernels.cpu", "fastattn.kernels.cuda"],
     package_dir={"fastattn": "fastattn", "fastattn.kernels": "kernels"},
     install_requires=["numpy>=1.24", "scipy>=1.10", "numba>=0.59"],
     extras_require={
@@ -21,6 +21,7 @@ setup(
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.6", "threadpoolctl>=3"],
         "cuda": ["numba-cuda>=0.20"],
         "torch": ["torch>=2.1"],
+        "hf": ["torch>=2.1", "transformers>=5.24"],  # the mask interface as of 5.24 (tested)
     },
     entry_points={"console_scripts": ["fastattn=fastattn.__main__:main"]},
 )

@@ -57,6 +57,7 @@ before you run it:
 
 examples:
   python -m fastattn bench --quick           # under a minute on 2 idle cores
+  python -m fastattn bench --transformers    # a Llama-like model end to end, fastattn vs sdpa
   python -m fastattn bench                   # float32, B=1, H=8, D=64, L=S=1024,4096,8192
   python -m fastattn bench --memory-check    # one call at H=1, L=S=32768: < {MEMORY_LIMIT_MIB} MiB extra?
   python -m fastattn bench --pipeline        # back to back as in a model: matmul then attention,
@@ -146,6 +147,12 @@ def parse_args(argv) -> argparse.Namespace:
                       help=f"only the memory check: one call at B=1, H=1, L=S=32768, D=64 "
                            f"float32 must need < {MEMORY_LIMIT_MIB} MiB beyond inputs and output "
                            f"(exit status 1 if not, 2 if it cannot be measured here)")
+    what.add_argument("--transformers", action="store_true",
+                      help="only the transformers case: a Llama-like model (4 layers, hidden "
+                           "1024, 16 heads, 4 key/value heads) end to end, "
+                           "attn_implementation='fastattn' against 'sdpa': prefill at L=2048 "
+                           "and 8192, 128 decode steps at a context of 4096, float32 and "
+                           "bfloat16 (needs torch and transformers; --quick: small sizes)")
     what.add_argument("--lengths", type=_int_list, metavar="L,...",
                       help=f"sequence lengths L=S (default {','.join(map(str, DEFAULT_LENGTHS))})")
     causal = what.add_mutually_exclusive_group()
@@ -635,6 +642,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     args.argv = argv
+    if args.transformers:
+        from .transformers_case import main as transformers_main
+        return transformers_main(args)
     if args.from_json:
         with open(args.from_json) as f:
             results = json.load(f)

@@ -1,0 +1,4 @@
+"""Adapters for frameworks: :mod:`fastattn.integrations.transformers` (Hugging Face transformers).
+
+Each adapter imports its framework lazily, on import of its own module only.
+"""

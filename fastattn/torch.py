@@ -1,0 +1,268 @@
+"""fastattn on PyTorch tensors: ``torch.nn.functional.scaled_dot_product_attention``'s signature
+and semantics, with autograd.
+
+    >>> import torch, fastattn.torch
+    >>> q = k = v = torch.randn(1, 8, 128, 64)
+    >>> out = fastattn.torch.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+CPU tensors are read in place as NumPy arrays (no copy of contiguous, or as the NumPy path takes
+them, strided tensors) and the result is handed back with ``torch.from_numpy`` (no copy). CUDA
+tensors go to the ``cuda`` backend through ``__cuda_array_interface__`` and come back as CUDA
+tensors on the same device (the cuda backend runs on Numba's default stream: the caller's stream
+is synchronised before and after). bfloat16 tensors are computed in float32 and returned as
+bfloat16: for now the adapter converts them (a float32 copy of q, k, v; reading 16-bit inputs
+in place in the kernels comes later); float16 is widened by fastattn itself.
+
+The differences from PyTorch: ``dropout_p`` must be 0; a query row with no key taking part gives
+zeros (as PyTorch 2.13's CPU kernels do); a mask combines with ``is_causal`` (PyTorch refuses
+both); the keyword-only ``fastattn_options`` are those of
+:func:`fastattn.scaled_dot_product_attention` (``similarity``, ``alignment``, ``window``,
+``softcap``, ``alibi_slopes``, ``return_lse``, ``backend``).
+
+This module imports torch; ``import fastattn`` never does.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import fastattn
+from . import _prepare, reference
+
+__all__ = ["scaled_dot_product_attention"]
+
+# The keyword-only options of fastattn.scaled_dot_product_attention, taken as **fastattn_options.
+OPTIONS = ("similarity", "alignment", "window", "softcap", "alibi_slopes", "return_lse",
+           "backend")
+_SIXTEEN_BIT_CONVERTED = (torch.bfloat16,)  # NumPy has no bfloat16: computed via float32 here
+
+
+def _check_tensors(query, key, value, attn_mask, alibi_slopes):
+    named = [("query", query), ("key", key), ("value", value)]
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__} (for NumPy "
+                            f"arrays use fastattn.scaled_dot_product_attention)")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    dtypes = {t.dtype for _, t in named}
+    if len(dtypes) != 1:
+        got = ", ".join(f"{n} {t.dtype}" for n, t in named)
+        raise TypeError(f"query, key and value must have the same dtype, got {got}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got "
+                            f"{type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask must be a bool tensor (True = takes part) or a float "
+                            f"tensor (added to the scores), got {attn_mask.dtype}")
+        named.append(("attn_mask", attn_mask))
+    if isinstance(alibi_slopes, torch.Tensor):
+        named.append(("alibi_slopes", alibi_slopes))
+    devices = {t.device for _, t in named}
+    if len(devices) != 1:
+        got = ", ".join(f"{n} on {t.device}" for n, t in named)
+        raise ValueError(f"all tensors must be on the same device, got {got}")
+    device = query.device
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"fastattn takes CPU or CUDA tensors, got tensors on {device}")
+
+
+def _as_array(t):
+    """The tensor's data as fastattn reads it: a NumPy view of a CPU tensor, the (detached) CUDA
+    tensor itself (``__cuda_array_interface__``); bfloat16 widened to float32 (a copy)."""
+    if t is None:
+        return None
+    t = t.detach()
+    if t.dtype in _SIXTEEN_BIT_CONVERTED:
+        t = t.float()
+    return t.numpy() if t.device.type == "cpu" else t
+
+
+def _as_tensor(x, like_dtype, device):
+    """fastattn's result as a torch tensor, without a copy, in ``like_dtype``."""
+    if isinstance(x, np.ndarray):
+        if not x.flags.writeable:  # torch.from_numpy wants a writable array
+            x = x.copy()
+        t = torch.from_numpy(x)
+    else:  # a Numba device array on ``device``
+        t = torch.as_tensor(x, device=device)
+    return t if t.dtype == like_dtype else t.to(like_dtype)
+
+
+def _alibi_array(alibi_slopes):
+    if isinstance(alibi_slopes, torch.Tensor):
+        if alibi_slopes.requires_grad and torch.is_grad_enabled():
+            raise ValueError("alibi_slopes needs grad, but fastattn computes no gradient for "
+                             "the ALiBi slopes; pass alibi_slopes.detach()")
+        return alibi_slopes.detach().float().cpu().numpy()
+    return alibi_slopes
+
+
+def _options(fastattn_options: dict) -> dict:
+    unknown = sorted(set(fastattn_options) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}; fastattn takes "
+                        f"{', '.join(OPTIONS)}")
+    return dict(fastattn_options)
+
+
+def _sync_for(device):
+    # The cuda backend launches on Numba's default stream: wait for the work queued on the
+    # caller's stream before it reads the inputs, and for its kernels before torch reads the
+    # result on any stream.
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+def _forward(query, key, value, attn_mask, is_causal, scale, enable_gqa, options):
+    """(out, lse) as tensors: out in the inputs' dtype, lse in the compute dtype."""
+    device, dtype = query.device, query.dtype
+    opts = {k: v for k, v in options.items() if k != "return_lse"}
+    _sync_for(device)
+    out, lse = fastattn.scaled_dot_product_attention(
+        _as_array(query), _as_array(key), _as_array(value), _as_array(attn_mask), 0.0,
+        is_causal, scale, enable_gqa, return_lse=True, **opts)
+    if device.type == "cuda":
+        from numba import cuda
+        cuda.default_stream().synchronize()
+    out = _as_tensor(out, dtype, device)
+    lse = _as_tensor(lse, torch.float64 if dtype == torch.float64 else torch.float32, device)
+    return out, lse
+
+
+def _backward(grad_out, query, key, value, out, lse, attn_mask, is_causal, scale, enable_gqa,
+              options):
+    """(grad_query, grad_key, grad_value) as tensors in the inputs' dtype."""
+    opts = {k: v for k, v in options.items() if k != "return_lse"}
+    arrays = [_as_array(t) for t in (grad_out, query, key, value, out, lse, attn_mask)]
+    fused = getattr(fastattn, "scaled_dot_product_attention_backward", None)
+    if fused is not None:
+        _sync_for(query.device)
+        grads = fused(*arrays, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, **opts)
+    else:
+        opts.pop("backend", None)
+        grads = _numpy_backward(*[np.asarray(a) for a in arrays[:4]], arrays[6], is_causal,
+                                scale, enable_gqa, **opts)
+    return tuple(_as_tensor(g, t.dtype, t.device) for g, t in zip(grads, (query, key, value)))
+
+
+def _numpy_backward(grad_out, query, key, value, attn_mask, is_causal, scale, enable_gqa, *,
+                    similarity="dot", alignment="top_left", window=None, softcap=None,
+                    alibi_slopes=None):
+    """TEMPORARY, until fastattn.scaled_dot_product_attention_backward (the fused backward)
+    lands: the gradients by the reference's maths in float64, on CPU arrays. The lead removes this
+    function when merging the backward branch (``_backward`` then always calls the fused one).
+
+        P = softmax(scores), dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O))
+        through the softcap dS *= 1 - tanh^2, dQ = scale dS K, dK = scale dS^T Q
+    """
+    in_dtype = query.dtype
+    q, k, v, g = (np.asarray(a, np.float64) for a in (query, key, value, grad_out))
+    group = 1
+    if enable_gqa and q.ndim >= 3 and k.shape[-3] != q.shape[-3]:
+        group = q.shape[-3] // k.shape[-3]
+        k, v = np.repeat(k, group, axis=-3), np.repeat(v, group, axis=-3)
+    if scale is None:
+        scale = 1.0 if similarity == "cosine" else 1.0 / np.sqrt(q.shape[-1])
+    q_norm = k_norm = None
+    if similarity == "cosine":
+        q_norm = np.sqrt(np.sum(q * q, axis=-1, keepdims=True))
+        k_norm = np.sqrt(np.sum(k * k, axis=-1, keepdims=True))
+        q = q / np.where(q_norm == 0, 1, q_norm)
+        k = k / np.where(k_norm == 0, 1, k_norm)
+    scores = (q @ np.swapaxes(k, -1, -2)) * scale
+    capped = None
+    if softcap:
+        capped = np.tanh(scores / softcap)
+        scores = softcap * capped
+    if attn_mask is not None:
+        mask = np.asarray(attn_mask)
+        scores = np.where(mask, scores, -np.inf) if mask.dtype == np.bool_ else \
+            scores + mask.astype(np.float64)
+    L, S = scores.shape[-2:]
+    if is_causal or window is not None:
+        scores = np.where(reference.keys_seen(L, S, is_causal, alignment, window), scores,
+                          -np.inf)
+    if alibi_slopes is not None:
+        scores = scores + reference.alibi_bias(
+            np.broadcast_to(np.asarray(alibi_slopes, np.float64), q.shape[:-2]), L, S,
+            alignment)
+    weights = reference.softmax(scores)
+    out = weights @ v
+    grad_v = np.swapaxes(weights, -1, -2) @ g
+    grad_weights = g @ np.swapaxes(v, -1, -2)
+    grad_scores = weights * (grad_weights - np.sum(g * out, axis=-1, keepdims=True))
+    if capped is not None:
+        grad_scores = grad_scores * (1 - capped * capped)
+    grad_scores = grad_scores * scale
+    grad_q = grad_scores @ k
+    grad_k = np.swapaxes(grad_scores, -1, -2) @ q
+    if similarity == "cosine":  # through x / |x|; a zero row gets no gradient
+        grad_q = (grad_q - q * np.sum(grad_q * q, -1, keepdims=True)) / np.where(q_norm == 0,
+                                                                                  np.inf, q_norm)
+        grad_k = (grad_k - k * np.sum(grad_k * k, -1, keepdims=True)) / np.where(k_norm == 0,
+                                                                                  np.inf, k_norm)
+    if group > 1:
+        shape = (*grad_k.shape[:-3], grad_k.shape[-3] // group, group, *grad_k.shape[-2:])
+        grad_k = grad_k.reshape(shape).sum(axis=-3)
+        grad_v = grad_v.reshape((*shape[:-1], grad_v.shape[-1])).sum(axis=-3)
+    cast = np.float64 if in_dtype == np.float64 else np.float32
+    return tuple(np.ascontiguousarray(x, cast) for x in (grad_q, grad_k, grad_v))
+
+
+class _Attention(torch.autograd.Function):
+    """Forward by the fused kernel (keeping the log-sum-exp), backward by the fused backward."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, attn_mask, is_causal, scale, enable_gqa, options):
+        out, lse = _forward(query, key, value, attn_mask, is_causal, scale, enable_gqa, options)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.attn_mask = attn_mask
+        ctx.args = (is_causal, scale, enable_gqa, options)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative raises, never silently 0
+    def backward(ctx, grad_out):
+        query, key, value, out, lse = ctx.saved_tensors
+        grads = _backward(grad_out, query, key, value, out, lse, ctx.attn_mask, *ctx.args)
+        return (*[g if t.requires_grad else None for g, t in zip(grads, (query, key, value))],
+                None, None, None, None, None)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale=None, enable_gqa: bool = False,
+                                 **fastattn_options):
+    """``torch.nn.functional.scaled_dot_product_attention`` computed by fastattn, with autograd.
+
+    Args are PyTorch's: query (..., L, E), key (..., S, E), value (..., S, Ev) tensors of one
+    dtype (float16, bfloat16, float32, float64) on one device; ``attn_mask`` bool (True = the key
+    takes part, as in PyTorch) or float (added to the scores), broadcastable to (..., L, S);
+    ``dropout_p`` must be 0. ``fastattn_options`` are fastattn's keyword options, e.g.
+    ``window=(W - 1, 0)``, ``softcap=50.0``, ``alignment="bottom_right"``, ``backend="numpy"``.
+
+    Returns the output tensor (..., L, Ev) in the inputs' dtype on their device, or ``(out, lse)``
+    with ``return_lse=True``. When query, key or value needs grad, ``out.backward`` computes
+    their gradients with the fused backward (not through ``attn_mask``, ``alibi_slopes`` or the
+    lse: a tensor needing grad there raises ``ValueError``).
+    """
+    options = _options(fastattn_options)
+    alibi = options.get("alibi_slopes")
+    _check_tensors(query, key, value, attn_mask, alibi)
+    if alibi is not None:
+        options["alibi_slopes"] = _alibi_array(alibi)
+    _prepare.check_dropout(dropout_p)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if torch.is_grad_enabled() and attn_mask is not None and attn_mask.requires_grad:
+        raise ValueError("attn_mask needs grad, but fastattn computes gradients only for query, "
+                         "key and value; pass attn_mask.detach()")
+    if needs_grad and options.get("return_lse"):
+        raise ValueError("return_lse=True with query, key or value needing grad: the lse is "
+                         "not differentiable here; compute it under torch.no_grad() or with "
+                         "detached inputs")
+    if needs_grad:
+        return _Attention.apply(query, key, value, attn_mask, is_causal, scale, enable_gqa,
+                                options)
+    out, lse = _forward(query, key, value, attn_mask, is_causal, scale, enable_gqa, options)
+    return (out, lse) if options.get("return_lse") else out
