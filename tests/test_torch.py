@@ -230,12 +230,11 @@ VARIANTS = [
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda d: ",".join(d))
 def test_variants_and_their_gradients(rng, variant):
-    # backend "numpy" until the variants land in the numba kernel (the variants branch)
     q, k, v = make(rng, (2, 4, 40, 16), (2, 2, 70, 16))
     mask = rng.random((40, 70)) > 0.1
     variant = dict(variant)
     causal = variant.pop("is_causal", False)
-    options = dict(variant, backend="numpy")
+    options = dict(variant)
     check(torch.float32, q, k, v, mask, fastattn_options=options,
           torch_fn=lambda *a, **kw: torch_variants(*a, **kw, **variant),
           is_causal=causal, enable_gqa=True)
@@ -354,7 +353,7 @@ def test_grad_through_an_unsupported_option_is_refused(qkv):
         ft.scaled_dot_product_attention(q, k, v, mask)
     slopes = torch.ones(2, requires_grad=True)
     with pytest.raises(ValueError, match="alibi_slopes needs grad"):
-        ft.scaled_dot_product_attention(q, k, v, alibi_slopes=slopes, backend="numpy")
+        ft.scaled_dot_product_attention(q, k, v, alibi_slopes=slopes)
     with pytest.raises(ValueError, match="return_lse"):
         ft.scaled_dot_product_attention(q.requires_grad_(), k, v, return_lse=True)
     with torch.no_grad():  # without grad the same calls run

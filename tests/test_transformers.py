@@ -15,9 +15,6 @@ import fastattn.torch as ft  # noqa: E402
 import fastattn.integrations.transformers as fa_hf  # noqa: E402
 
 NAME = fa_hf.register()
-# The window and the softcap run on the NumPy reference until the variants branch brings them to
-# the numba kernel.
-NAME_NUMPY = fa_hf.register("fastattn_numpy", backend="numpy")
 VOCAB = 128
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -50,8 +47,8 @@ def gpt2():
 DECODERS = {
     "llama": (llama, NAME, "sdpa"),
     "qwen2": (qwen2, NAME, "sdpa"),
-    "mistral": (mistral, NAME_NUMPY, "sdpa"),   # sliding window 8 < the 44 tokens
-    "gemma2": (gemma2, NAME_NUMPY, "eager"),    # softcap and sliding window; sdpa has no softcap
+    "mistral": (mistral, NAME, "sdpa"),   # sliding window 8 < the 44 tokens
+    "gemma2": (gemma2, NAME, "eager"),    # softcap and sliding window; sdpa has no softcap
     "gpt2": (gpt2, NAME, "sdpa"),
 }
 
@@ -154,7 +151,7 @@ def test_decode_reads_the_models_own_cache(calls):
 
 
 def test_sliding_window_is_a_window_not_a_mask(calls):
-    model = build(mistral, NAME_NUMPY)
+    model = build(mistral, NAME)
     ids, _, _ = batch(L=20)
     with torch.no_grad():
         model(ids)
@@ -162,7 +159,7 @@ def test_sliding_window_is_a_window_not_a_mask(calls):
 
 
 def test_gemma2_softcap_and_window_reach_fastattn(calls):
-    model = build(gemma2, NAME_NUMPY)
+    model = build(gemma2, NAME)
     ids, _, _ = batch(L=20)
     with torch.no_grad():
         model(ids)
