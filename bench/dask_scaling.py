@@ -1,6 +1,6 @@
 """fastattn.distributed on a dask.distributed LocalCluster against the single-process call.
 
-    python bench/dask_scaling.py                 # the RESULTS.md case (about 15 minutes on 2 cores)
+    python bench/dask_scaling.py                 # the RESULTS.md case (about 10 minutes on 2 idle cores)
     python bench/dask_scaling.py --quick         # L in {8192, 16384}, chunk 2048: a minute
     python bench/dask_scaling.py --lengths 65536 --workers 2 --scaling-workers ""   # one case
 
@@ -61,12 +61,15 @@ def _start_sampler(dask_worker):
     import psutil
     gc.collect()
     proc = psutil.Process()
-    state = {"baseline": proc.memory_info().rss, "peak": 0, "stop": False}
+    held = dask_worker.state  # the bytes of results and replicas Dask holds on this worker
+    state = {"baseline": proc.memory_info().rss, "peak": 0, "stop": False,
+             "held_baseline": held.nbytes, "held_peak": held.nbytes}
     state["peak"] = state["baseline"]
 
     def sample():
         while not state["stop"]:
             state["peak"] = max(state["peak"], proc.memory_info().rss)
+            state["held_peak"] = max(state["held_peak"], held.nbytes)
             time.sleep(0.005)
 
     state["thread"] = threading.Thread(target=sample, daemon=True)
@@ -79,7 +82,7 @@ def _stop_sampler(dask_worker):
     state = dask_worker._fastattn_memory
     state["stop"] = True
     state["thread"].join()
-    return state["baseline"], state["peak"]
+    return (state["baseline"], state["peak"], state["held_peak"] - state["held_baseline"])
 
 
 def _warm_up():
@@ -148,11 +151,13 @@ def cluster_run(client, L, chunk, workers):
                 kind = prefix if prefix in ("pair", "merge") else "other"
                 busy[kind] += seconds
     rest = workers * wall - sum(busy.values())
-    extra = {addr: (peak - base) / 2**20 for addr, (base, peak) in memory.items()}
-    baseline = {addr: base / 2**20 for addr, (base, _) in memory.items()}
+    extra = {addr: (peak - base) / 2**20 for addr, (base, peak, _) in memory.items()}
+    baseline = {addr: base / 2**20 for addr, (base, _, _) in memory.items()}
+    held = {addr: h / 2**20 for addr, (_, _, h) in memory.items()}
     return dict(L=L, chunk=chunk, workers=workers, wall_s=wall, busy_s=busy,
                 rest_worker_s=rest, tasks=tasks, extra_mib=sorted(extra.values()),
                 baseline_mib=sorted(baseline.values()),
+                held_mib=[held[a] for a in sorted(extra, key=extra.get)],
                 chunk_mib=chunk * DIM * 4 / 2**20,
                 checksum=float(np.abs(result).sum()))
 
@@ -214,15 +219,16 @@ def main(argv=None):
     print()
     print("| L = S | workers | time (s) | x single call | single call (s) | pair compute "
           "(worker-s) | merge (worker-s) | transfer (worker-s) | scheduling, waiting, other "
-          "(worker-s) | tasks (pairs, merges) | worker peak beyond idle (MiB) | worker idle "
-          "RSS (MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "(worker-s) | tasks (pairs, merges) | worker peak beyond idle (MiB) | of which Dask "
+          "held results and replicas, at most (MiB) | worker idle RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         b = r["busy_s"]
         print(f"| {r['L']} | {r['workers']} | {r['wall_s']:.2f} | {r['wall_s'] / r['single_s']:.2f} "
               f"| {r['single_s']:.2f} | {b['pair']:.1f} | {b['merge']:.2f} | {b['transfer']:.2f} "
               f"| {r['rest_worker_s'] + b['other']:.2f} | {r['tasks']['pair']}, "
               f"{r['tasks']['merge']} | {', '.join(f'{m:.0f}' for m in r['extra_mib'])} | "
+              f"{', '.join(f'{m:.0f}' for m in r['held_mib'])} | "
               f"{', '.join(f'{m:.0f}' for m in r['baseline_mib'])} |")
     if args.json:
         with open(args.json, "w") as f:

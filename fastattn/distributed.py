@@ -38,7 +38,8 @@ from ._prepare import NO_LIMIT
 
 __all__ = ["scaled_dot_product_attention", "chunk_length"]
 
-# Partial results merged per task: the merge holds its parts, their stack and the weighted sum.
+# Partial results merged per task (the merge holds these parts and two at a time their stack and
+# weighted sum).
 MERGE_FAN_IN = 4
 BACKENDS = ("auto", "numba", "numpy")
 
@@ -227,9 +228,12 @@ def _pair_task(plan: _Plan, q, k, v, mask, d: int):
 
 
 def _merge_task(parts):
+    # Two at a time: the merge's temporaries stay a few chunks whatever the fan-in.
     from .merge import merge_attention
-    outs, lses = zip(*parts)
-    return merge_attention(list(outs), list(lses))
+    out, lse = parts[0]
+    for part_out, part_lse in parts[1:]:
+        out, lse = merge_attention([out, part_out], [lse, part_lse])
+    return out, lse
 
 
 def _finish_task(part, in_dtype):
@@ -251,11 +255,12 @@ def chunk_length(L: int, S: int, heads: int, kv_heads: int, E: int, Ev: int, ite
 
     A pair task holds a query chunk and its output (heads * (E + Ev + 1) per row), a key and
     value chunk and the kernel's tiled copy of them (2 * kv_heads * (E + Ev) per key); a merge
-    holds MERGE_FAN_IN outputs, their stack and the weighted sum (3 * MERGE_FAN_IN * heads *
-    (Ev + 1) per row). A multiple of 512 (the kernel's key block) when that large.
+    holds MERGE_FAN_IN outputs and, merging two at a time, their stack, weighted sum and result
+    ((MERGE_FAN_IN + 5) * heads * (Ev + 1) per row). A multiple of 512 (the kernel's key block)
+    when that large.
     """
     per_position = itemsize * max(heads * (E + Ev + 1) + 2 * kv_heads * (E + Ev),
-                                  3 * MERGE_FAN_IN * heads * (Ev + 1))
+                                  (MERGE_FAN_IN + 5) * heads * (Ev + 1))
     length = max(1, budget // per_position)
     if length >= 1024:
         length -= length % 512

@@ -208,7 +208,7 @@ def test_chunk_length_grows_with_the_budget():
     # a pair task's arrays, and a merge's parts, fit the budget
     for length, budget in ((small, 64 << 20), (large, 512 << 20)):
         assert length * 4 * (8 * 129 + 2 * 8 * 128) <= budget
-        assert length * 4 * 3 * fd.MERGE_FAN_IN * 8 * 65 <= budget
+        assert length * 4 * (fd.MERGE_FAN_IN + 5) * 8 * 65 <= budget
     assert fd.chunk_length(100, 300, 1, 1, 8, 8, 4, 1 << 30) == 300  # one chunk when it fits
 
 
