@@ -162,8 +162,17 @@ def cluster_run(client, L, chunk, workers):
                 checksum=float(np.abs(result).sum()))
 
 
-def start_cluster(workers, threads_per_worker):
+def start_cluster(workers, threads_per_worker, amm_interval, drop_spare):
+    import dask
     from distributed import Client, LocalCluster
+    # Dask drops a worker's replica of an input chunk (fetched for a pair) once no task waiting
+    # there needs it, when its active memory manager runs: every 2 s by default.
+    config = {"distributed.scheduler.active-memory-manager.interval": amm_interval}
+    if drop_spare:
+        config["distributed.scheduler.active-memory-manager.policies"] = [
+            {"class": "distributed.active_memory_manager.ReduceReplicas"},
+            {"class": "fastattn.distributed.DropSpareReplicas"}]
+    dask.config.set(config)
     cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker,
                            processes=True, dashboard_address=None, memory_limit=0,
                            silence_logs=logging.ERROR)
@@ -184,6 +193,11 @@ def main(argv=None):
     parser.add_argument("--scaling-workers", type=_ints, default=[1, 2, 4],
                         help="worker counts at the largest length ('' for none)")
     parser.add_argument("--repeat", type=int, default=1, help="single calls per length")
+    parser.add_argument("--amm-interval", default="100ms",
+                        help="how often Dask drops unneeded replicas (its default: 2s)")
+    parser.add_argument("--keep-replicas", action="store_true",
+                        help="Dask's default policy only, without fastattn.distributed."
+                             "DropSpareReplicas")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args(argv)
@@ -198,7 +212,8 @@ def main(argv=None):
     runs = []
     counts = [args.workers] + [w for w in args.scaling_workers if w != args.workers]
     for workers in counts:
-        cluster, client = start_cluster(workers, args.threads_per_worker)
+        cluster, client = start_cluster(workers, args.threads_per_worker, args.amm_interval,
+                                        not args.keep_replicas)
         try:
             lengths = args.lengths if workers == args.workers else args.lengths[-1:]
             for L in lengths:

@@ -267,6 +267,23 @@ def chunk_length(L: int, S: int, heads: int, kv_heads: int, E: int, Ev: int, ite
     return int(min(length, max(L, S, 1)))
 
 
+def _queued_task(key, func, *args):
+    """A pair task, marked (where this Dask can) as one of a large group of data producers:
+    dask.distributed then hands such tasks to a worker only as it has a thread free (its
+    scheduler-side queuing) instead of all at once. A worker given every ready pair up front
+    would fetch the key and value chunks of all of them and hold copies of most of the sequence.
+    """
+    try:
+        from dask._task_spec import Task, TaskRef
+    except ImportError:
+        return (func, *args)
+    refs = [TaskRef(a) if isinstance(a, tuple) else a for a in args]
+    try:
+        return Task(key, func, *refs, _data_producer=True)
+    except TypeError:  # a Dask without the flag
+        return Task(key, func, *refs)
+
+
 def _stand_in(x, name):
     """An array of ``x``'s shape and dtype that costs no memory, for the shared checks."""
     shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
@@ -383,8 +400,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
                 continue
             mask_block = None if mask is None else \
                 (mask.name, *zeros, i if mask.shape[-2] > 1 else 0, j if mask.shape[-1] > 1 else 0)
-            dsk[(pair_name, i, j)] = (pair, (q.name, *zeros, i, 0), (k.name, *zeros, j, 0),
-                                      (v.name, *zeros, j, 0), mask_block, d)
+            dsk[(pair_name, i, j)] = _queued_task((pair_name, i, j), pair, (q.name, *zeros, i, 0),
+                                                  (k.name, *zeros, j, 0), (v.name, *zeros, j, 0),
+                                                  mask_block, d)
             parts.append((pair_name, i, j))
         level = 0
         while len(parts) > 1:
@@ -416,3 +434,41 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     lse = da.Array(lse_graph, lse_name, (*lead_chunks, q_sizes),
                    meta=np.empty((0,) * (nd - 1), a.dtype))
     return out, lse
+
+
+# --- replicas -----------------------------------------------------------------------------------
+
+
+def _drop_spare_replicas_policy():
+    from distributed.active_memory_manager import ActiveMemoryManagerPolicy, Suggestion
+
+    class DropSpareReplicas(ActiveMemoryManagerPolicy):
+        """An active-memory-manager policy: keep one copy of each chunk, dropping the others
+        from workers where no task that needs it is running.
+
+        A worker that ran pair (i, j) keeps its copy of key and value chunk j while any pair of
+        a later query chunk still needs it, somewhere: over a causal sequence that is most of
+        the other workers' share. Dropping those copies as soon as they are unused here bounds
+        each worker's memory by the chunks of its running tasks, at the price of fetching a
+        chunk again when a later pair needs it on the same worker (as ring attention passes
+        each chunk on). Dask's own ReduceReplicas keeps a copy for each waiting task.
+        """
+
+        def run(self):
+            for ts in self.manager.scheduler.replicated_tasks:
+                # The manager never drops the last copy, nor one a running task there needs.
+                for _ in range(len(ts.who_has) - 1):
+                    yield Suggestion("drop", ts)
+
+    DropSpareReplicas.__module__ = __name__
+    return DropSpareReplicas
+
+
+def __getattr__(name):
+    # distributed is imported only when the policy is asked for (dask's config names it as
+    # "fastattn.distributed.DropSpareReplicas").
+    if name == "DropSpareReplicas":
+        cls = _drop_spare_replicas_policy()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

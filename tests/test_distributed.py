@@ -247,9 +247,15 @@ def test_import_fastattn_does_not_import_dask():
 @pytest.fixture(scope="module")
 def client():
     distributed = pytest.importorskip("distributed")
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       dashboard_address=None, silence_logs=logging.ERROR,
-                                       death_timeout=120)
+    policies = [{"class": "distributed.active_memory_manager.ReduceReplicas"},
+                {"class": "fastattn.distributed.DropSpareReplicas"}]
+    with dask.config.set({"distributed.scheduler.active-memory-manager.policies": policies,
+                          "distributed.scheduler.active-memory-manager.interval": "50ms"}):
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                           dashboard_address=None, silence_logs=logging.ERROR,
+                                           death_timeout=120)
+    amm = cluster.scheduler.extensions["amm"]
+    assert {type(p).__name__ for p in amm.policies} == {"ReduceReplicas", "DropSpareReplicas"}
     c = distributed.Client(cluster, timeout=120)
     # The workers unpickle this module's functions by value (tests/ is not a package).
     import cloudpickle
