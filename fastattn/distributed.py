@@ -21,6 +21,12 @@ Each pair is cut at the diagonal j = p(i) into rectangles the kernel takes as th
       (broadcast over the rows, a (..., 1, keys) float mask) plus a per-row constant that only
       shifts lse.
 
+On dask.distributed the pair tasks are queued on the scheduler (marked as data producers), so a
+worker fetches the chunks of the pairs it runs, not of every pair at once; with the
+active-memory-manager policy :class:`DropSpareReplicas` configured, the copies it fetched are
+dropped once unused there (at the manager's next pass), rather than kept while any later pair
+anywhere still needs them.
+
 Dask and distributed are optional (``pip install 'fastattn[dask]'``); ``import fastattn`` does not
 import them.
 """
