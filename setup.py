@@ -19,7 +19,10 @@ setup(
     extras_require={
         # The tests of optional features run in CI: the test extra brings their packages.
         "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "matplotlib>=3.6",
-                 "dask[array]>=2024.1", "distributed>=2024.1"],
+                 "dask[array]>=2024.1", "distributed>=2024.1",
+                 # test_cli builds a wheel with --no-build-isolation: the setuptools of a fresh
+                 # Python 3.11 venv (65) has no bdist_wheel without the wheel package.
+                 "setuptools>=70.1"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.6", "threadpoolctl>=3"],
         "cuda": ["numba-cuda>=0.20"],
         "torch": ["torch>=2.1"],
