@@ -17,11 +17,17 @@ setup(
     package_dir={"fastattn": "fastattn", "fastattn.kernels": "kernels"},
     install_requires=["numpy>=1.24", "scipy>=1.10", "numba>=0.59"],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "matplotlib>=3.6"],
+        # The tests of optional features run in CI: the test extra brings their packages.
+        "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "matplotlib>=3.6",
+                 "dask[array]>=2024.1", "distributed>=2024.1",
+                 # test_cli builds a wheel with --no-build-isolation: the setuptools of a fresh
+                 # Python 3.11 venv (65) has no bdist_wheel without the wheel package.
+                 "setuptools>=70.1"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.6", "threadpoolctl>=3"],
         "cuda": ["numba-cuda>=0.20"],
         "torch": ["torch>=2.1"],
         "hf": ["torch>=2.1", "transformers>=5.24"],  # the mask interface as of 5.24 (tested)
+        "dask": ["dask[array]>=2024.1", "distributed>=2024.1"],
     },
     entry_points={"console_scripts": ["fastattn=fastattn.__main__:main"]},
 )
