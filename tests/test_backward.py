@@ -140,3 +140,120 @@ def test_reference_backward_of_a_zero_query_with_cosine_is_zero():
     grads = reference.scaled_dot_product_attention_backward(np.ones_like(out), q, k, v, out, lse,
                                                             **kwargs)
     assert np.isfinite(grads[0]).all() and (grads[0][1] == 0).all()
+
+
+# --- the backends against the reference ---------------------------------------------------------
+
+BACKENDS = [b for b in ("numpy", "numba") if b in fastattn.backends()]
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of the CPU kernel small enough that the tiny cases span several of them."""
+    from fastattn import backward
+    monkeypatch.setattr(backward, "BLOCK_Q", 48)
+    monkeypatch.setattr(backward, "BLOCK_K", 12)
+
+
+def grad_errors(got, q, k, v, grad_out, out, lse, kwargs, dtype):
+    """Max error of each gradient against the float64 reference, and the plain float32 error."""
+    as64 = lambda x: x.astype(np.float64) if isinstance(x, np.ndarray) and x.dtype.kind == "f" else x  # noqa: E731
+    kw64 = {key: as64(val) for key, val in kwargs.items()}
+    exact = reference.scaled_dot_product_attention_backward(
+        as64(grad_out), as64(q), as64(k), as64(v), as64(out), as64(lse), **kw64)
+    plain = None
+    if dtype != np.float64:
+        as32 = lambda x: x.astype(np.float32) if isinstance(x, np.ndarray) and x.dtype.kind == "f" else x  # noqa: E731
+        kw32 = {key: as32(val) for key, val in kwargs.items()}
+        plain = reference.scaled_dot_product_attention_backward(
+            as32(grad_out), as32(q), as32(k), as32(v), as32(out), as32(lse), **kw32)
+    return exact, plain
+
+
+def assert_gradients_match(got, exact, plain, dtype):
+    """FlashAttention's rule for gradients: float64 within 1e-9; otherwise at most 3x the error
+    of the plain float32 reference, plus 1e-5."""
+    for name, g, e, x in zip(("grad_query", "grad_key", "grad_value"), got, exact,
+                             plain if plain is not None else exact):
+        assert g.shape == e.shape, name
+        assert np.isfinite(g).all(), name
+        err = np.max(np.abs(g.astype(np.float64) - e), initial=0)
+        if dtype == np.float64:
+            assert err <= 1e-9, f"{name}: error {err:.3g}"
+        else:
+            plain_err = np.max(np.abs(x.astype(np.float64) - e), initial=0)
+            assert err <= 3 * plain_err + 1e-5, f"{name}: error {err:.3g}, plain {plain_err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_matches_reference(backend, case, dtype, small_blocks):
+    rng = np.random.default_rng(11)
+    _, (lead, L, S, E, Ev, hkv), options = case
+    # longer than the tiny blocks, and not a multiple of them
+    longer = (case[0], (lead, 3 * L + 5, 4 * S + 3, E, Ev, hkv), options)
+    q, k, v, kwargs = make_case(rng, longer, dtype)
+    out, lse = fastattn.scaled_dot_product_attention(q, k, v, backend="numpy", return_lse=True,
+                                                     **kwargs)
+    grad_out = rng.standard_normal(out.shape).astype(dtype)
+    inputs = [x.copy() for x in (grad_out, q, k, v, out, lse)]
+    got = fastattn.scaled_dot_product_attention_backward(grad_out, q, k, v, out, lse,
+                                                         backend=backend, **kwargs)
+    for x, before in zip((grad_out, q, k, v, out, lse), inputs):
+        np.testing.assert_array_equal(x, before)  # inputs are never written to
+    for g, x in zip(got, (q, k, v)):
+        assert g.dtype == x.dtype and g.shape == x.shape
+    exact, plain = grad_errors(got, q, k, v, grad_out, out, lse, kwargs, dtype)
+    assert_gradients_match(got, exact, plain, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_float16_is_computed_in_float32(backend):
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((1, 2, 40, 8)).astype(np.float16) for _ in range(3))
+    out, lse = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True, backend="numpy",
+                                                     return_lse=True)
+    assert out.dtype == np.float16
+    grad_out = rng.standard_normal(out.shape).astype(np.float16)
+    got = fastattn.scaled_dot_product_attention_backward(grad_out, q, k, v, out, lse,
+                                                         is_causal=True, backend=backend)
+    assert all(g.dtype == np.float16 for g in got)
+    f32 = [x.astype(np.float32) for x in (grad_out, q, k, v, out, lse)]
+    want = reference.scaled_dot_product_attention_backward(*f32, is_causal=True)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.astype(np.float32), w, atol=2e-2, rtol=1e-2)
+
+
+def test_numba_backward_bits_do_not_depend_on_the_thread_count():
+    numba = pytest.importorskip("numba")
+    if "numba" not in fastattn.backends() or numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs the numba backend and 2 threads")
+    rng = np.random.default_rng(4)
+    q, k, v, kwargs = make_case(rng, ("gqa", ((2, 4), 200, 230, 16, 16, 2),
+                                      dict(is_causal=True, softcap=3.0)), np.float32)
+    out, lse = fastattn.scaled_dot_product_attention(q, k, v, backend="numpy", return_lse=True,
+                                                     **kwargs)
+    grad_out = rng.standard_normal(out.shape).astype(np.float32)
+    results = []
+    for threads in (1, 2):
+        numba.set_num_threads(threads)
+        try:
+            results.append(fastattn.scaled_dot_product_attention_backward(
+                grad_out, q, k, v, out, lse, backend="numba", **kwargs))
+        finally:
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_with_no_value_features_or_no_keys(backend):
+    rng = np.random.default_rng(8)
+    q, k = rng.standard_normal((2, 1, 5, 3)), rng.standard_normal((2, 1, 6, 3))
+    v = np.zeros((2, 1, 6, 0))
+    out, lse = fastattn.scaled_dot_product_attention(q, k, v, backend="numpy", return_lse=True)
+    got = fastattn.scaled_dot_product_attention_backward(np.zeros_like(out), q, k, v, out, lse,
+                                                         backend=backend)
+    assert [g.shape for g in got] == [q.shape, k.shape, v.shape]
+    assert all((g == 0).all() for g in got)
