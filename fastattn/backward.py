@@ -135,16 +135,14 @@ def _numba_backward(p: _prepare.AttentionProblem, grad_out, out, lse):
                                    float(v.softcap), _numba._readonly(alibi), v.alibi is not None)
     ro = _numba._readonly
     with _numba._lock:  # no BLAS inside: the kernel has its own block products
-        (q_rows, q_panels, grad_out_rows, grad_out_panels, k_rows, v_rows, row_lse, row_delta,
-         grad_q_acc) = _numba._scratch_arrays(
-            [(N, Lp, Ep), (N, Lp // cols, E * cols), (N, Lp, Evp), (N, Lp // cols, Ev * cols),
-             (n_kv, Sp, Ep), (n_kv, Sp, Evp), (N, Lp), (N, Lp), (N, Lp, Ep)], dtype)
+        packed = _numba._scratch_arrays(
+            [(N, Lp // cols, E * cols), (N, Ep // cols, Lp * cols), (N, Lp // cols, Ev * cols),
+             (N, Evp // cols, Lp * cols), (n_kv, Sp, Ep), (n_kv, Ep // cols, Sp * cols),
+             (n_kv, Sp, Evp), (N, Lp), (N, Lp), (N, Lp, Ep)], dtype)
+        grad_q_acc = packed.pop()
         kernels.pack_backward(ro(p.q), ro(p.k), ro(p.v), ro(grad_out), ro(out), ro(lse),
-                              dtype.type(p.scale), q_rows, q_panels, grad_out_rows,
-                              grad_out_panels, k_rows, v_rows, row_lse, row_delta)
-        kernels.attention_backward(ro(q_rows), ro(q_panels), ro(grad_out_rows),
-                                   ro(grad_out_panels), ro(k_rows), ro(v_rows), ro(row_lse),
-                                   ro(row_delta), L, S, p.group, options,
+                              dtype.type(p.scale), *packed)
+        kernels.attention_backward(*(ro(x) for x in packed), L, S, p.group, options,
                                    _numba._mask_args(p.mask, dtype), BLOCK_Q, BLOCK_K,
                                    grad_q_acc, grad_q, grad_k, grad_v)
     return grad_q, grad_k, grad_v

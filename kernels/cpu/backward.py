@@ -41,79 +41,67 @@ class ScoreOptions(NamedTuple):
 
 
 @parallel_jit
-def pack_backward(q, k, v, grad_out, out, lse, scale, q_rows, q_panels, grad_out_rows,
-                  grad_out_panels, k_rows, v_rows, row_lse, row_delta):
-    """Lay the operands out as the tiles read them, zero-padded to whole blocks and tiles:
+def pack_backward(q, k, v, grad_out, out, lse, scale, q_panels, q_columns, grad_out_panels,
+                  grad_out_columns, k_rows, k_columns, v_rows, row_lse, row_delta):
+    """Lay the operands out as the tiles read them, zero-padded to whole blocks and tiles
+    (cols = ``tile_cols``, Lp, Sp, Ep and Evp the padded sizes):
 
-    - ``q_rows`` (N, Lp, Ep): scale * q by rows; ``q_panels`` (N, Lp / cols, E * cols): scale * q
-      transposed a tile of queries at a time (the layout of the forward's key panels);
-    - ``grad_out_rows`` (N, Lp, Evp) and ``grad_out_panels`` (N, Lp / cols, Ev * cols) likewise;
-    - ``k_rows`` (Nkv, Sp, Ep) and ``v_rows`` (Nkv, Sp, Evp) by rows;
+    - ``q_panels`` (N, Lp / cols, E * cols): scale * q transposed, a tile of queries at a time
+      (the layout of the forward's key panels), the right operand of q k^T;
+    - ``q_columns`` (N, Ep / cols, Lp * cols): scale * q, a tile of features at a time (the
+      layout of the forward's value panels), the right operand of grad_k += grad_s^T q;
+    - ``grad_out_panels`` (N, Lp / cols, Ev * cols) and ``grad_out_columns``
+      (N, Evp / cols, Lp * cols) likewise, for grad_out v^T and grad_v += weights^T grad_out;
+    - ``k_rows`` (Nkv, Sp, Ep) and ``v_rows`` (Nkv, Sp, Evp) by rows (the left operands, keys as
+      rows), ``k_columns`` (Nkv, Ep / cols, Sp * cols) for grad_q += grad_s k;
     - ``row_lse`` (N, Lp): the forward's lse, with -inf (no key) and the padding rows as +inf so
       that exp(score - lse) is 0 there; ``row_delta`` (N, Lp): D = rowsum(grad_out * out).
+    Each tile row is then one run of 64 bytes, read in order.
     """
     N, L, E = q.shape
     n_kv, S, Ev = v.shape
     cols = tile_width(q)
     n_panels = q_panels.shape[1]
-    Ep = q_rows.shape[2]
-    Evp = grad_out_rows.shape[2]
+    Ep = k_rows.shape[2]
+    Evp = v_rows.shape[2]
+    zero = q.dtype.type(0.0)
     for item in prange(N * n_panels):
         n = item // n_panels
         panel_index = item % n_panels
         i0 = panel_index * cols
         qp = q_panels[n, panel_index]
         gp = grad_out_panels[n, panel_index]
+        qc = q_columns[n]
+        gc = grad_out_columns[n]
         for ii in range(cols):
             i = i0 + ii
-            qr = q_rows[n, i]
-            gr = grad_out_rows[n, i]
-            if i < L:
-                for d in range(E):
-                    x = q[n, i, d] * scale
-                    qr[d] = x
+            inside = i < L
+            delta = zero
+            for d in range(Ep):
+                x = q[n, i, d] * scale if inside and d < E else zero
+                if d < E:
                     qp[d * cols + ii] = x
-                delta = q.dtype.type(0.0)
-                for c in range(Ev):
-                    g = grad_out[n, i, c]
-                    gr[c] = g
+                qc[d // cols, i * cols + d % cols] = x
+            for c in range(Evp):
+                g = grad_out[n, i, c] if inside and c < Ev else zero
+                if c < Ev:
                     gp[c * cols + ii] = g
-                    delta += g * out[n, i, c]
-                row_delta[n, i] = delta
-                row_lse[n, i] = np.inf if lse[n, i] == -np.inf else lse[n, i]
-            else:
-                for d in range(E):
-                    qr[d] = 0.0
-                    qp[d * cols + ii] = 0.0
-                for c in range(Ev):
-                    gr[c] = 0.0
-                    gp[c * cols + ii] = 0.0
-                row_delta[n, i] = 0.0
-                row_lse[n, i] = np.inf
-            for d in range(E, Ep):
-                qr[d] = 0.0
-            for c in range(Ev, Evp):
-                gr[c] = 0.0
+                    if inside:
+                        delta += g * out[n, i, c]
+                gc[c // cols, i * cols + c % cols] = g
+            row_delta[n, i] = delta
+            row_lse[n, i] = lse[n, i] if inside and lse[n, i] != -np.inf else np.inf
     Sp = k_rows.shape[1]
     for item in prange(n_kv * Sp):
         m = item // Sp
         j = item % Sp
-        kr = k_rows[m, j]
-        vr = v_rows[m, j]
-        if j < S:
-            for d in range(E):
-                kr[d] = k[m, j, d]
-            for c in range(Ev):
-                vr[c] = v[m, j, c]
-            for d in range(E, Ep):
-                kr[d] = 0.0
-            for c in range(Ev, Evp):
-                vr[c] = 0.0
-        else:
-            for d in range(Ep):
-                kr[d] = 0.0
-            for c in range(Evp):
-                vr[c] = 0.0
+        inside = j < S
+        for d in range(Ep):
+            x = k[m, j, d] if inside and d < E else zero
+            k_rows[m, j, d] = x
+            k_columns[m, d // cols, j * cols + d % cols] = x
+        for c in range(Evp):
+            v_rows[m, j, c] = v[m, j, c] if inside and c < Ev else zero
 
 
 @jit
@@ -165,9 +153,9 @@ def weights_and_grad_row(scores, grad_weights, cap_slope, j, n, L, q0, bq, lse, 
 
 
 @parallel_jit
-def attention_backward(q_rows, q_panels, grad_out_rows, grad_out_panels, k_rows, v_rows,
-                       row_lse, row_delta, L, S, group, options, mask, block_q, block_k,
-                       grad_q_acc, grad_q, grad_k, grad_v):
+def attention_backward(q_panels, q_columns, grad_out_panels, grad_out_columns, k_rows,
+                       k_columns, v_rows, row_lse, row_delta, L, S, group, options, mask,
+                       block_q, block_k, grad_q_acc, grad_q, grad_k, grad_v):
     """grad_q (N, L, E), grad_k (Nkv, S, E), grad_v (Nkv, S, Ev) from the operands of
     ``pack_backward``; ``grad_q_acc`` (N, Lp, Ep) is scratch.
 
@@ -175,18 +163,19 @@ def attention_backward(q_rows, q_panels, grad_out_rows, grad_out_panels, k_rows,
     ``block_k`` of its rows; the padded lengths Lp and Sp are multiples of them. Memory beyond
     the packed operands: per work item three block_k x block_q blocks and two block_k x E ones.
     """
-    N, Lp, Ep = q_rows.shape
+    N, Lp, Ep = grad_q_acc.shape
     n_kv, Sp, Evp = v_rows.shape
     E = grad_q.shape[2]
     Ev = grad_v.shape[2]
-    dtype = q_rows.dtype
-    cols = tile_width(q_rows)
+    dtype = k_rows.dtype
+    cols = tile_width(k_rows)
     panels_per_head = Lp // cols
-    q_flat = q_rows.reshape(-1)
     qp_flat = q_panels.reshape(-1)
-    g_flat = grad_out_rows.reshape(-1)
+    qc_flat = q_columns.reshape(-1)
     gp_flat = grad_out_panels.reshape(-1)
+    gc_flat = grad_out_columns.reshape(-1)
     k_flat = k_rows.reshape(-1)
+    kc_flat = k_columns.reshape(-1)
     v_flat = v_rows.reshape(-1)
     acc_flat = grad_q_acc.reshape(-1)
     for m in prange(n_kv):
@@ -236,21 +225,21 @@ def attention_backward(q_rows, q_panels, grad_out_rows, grad_out_panels, k_rows,
                     # grad_v += weights^T grad_out, grad_k += grad_s^T (scale q)
                     for t0 in range(0, key_rows, ROWS):
                         for c0 in range(0, Evp, cols):
-                            tile_product_add(scores, t0 * block_q, block_q, g_flat,
-                                             (n * Lp + q0) * Evp + c0, Evp, grad_v_block,
-                                             t0 * Evp + c0, Evp, bq)
+                            tile_product_add(scores, t0 * block_q, block_q, gc_flat,
+                                             ((n * Evp + c0) * Lp + q0 * cols), cols,
+                                             grad_v_block, t0 * Evp + c0, Evp, bq)
                         for c0 in range(0, Ep, cols):
-                            tile_product_add(grad_s_t, t0 * block_q, block_q, q_flat,
-                                             (n * Lp + q0) * Ep + c0, Ep, grad_k_block,
-                                             t0 * Ep + c0, Ep, bq)
+                            tile_product_add(grad_s_t, t0 * block_q, block_q, qc_flat,
+                                             ((n * Ep + c0) * Lp + q0 * cols), cols,
+                                             grad_k_block, t0 * Ep + c0, Ep, bq)
                     # grad_q += grad_s k (scaled at the end)
                     for i in range(query_rows):
                         for jj in range(keys):
                             grad_s[i * block_k + jj] = grad_s_t[jj * block_q + i]
                     for r0 in range(0, query_rows, ROWS):
                         for c0 in range(0, Ep, cols):
-                            tile_product_add(grad_s, r0 * block_k, block_k, k_flat,
-                                             (m * Sp + k0) * Ep + c0, Ep, acc_flat,
+                            tile_product_add(grad_s, r0 * block_k, block_k, kc_flat,
+                                             (m * Ep + c0) * Sp + k0 * cols, cols, acc_flat,
                                              (n * Lp + q0 + r0) * Ep + c0, Ep, keys)
             for jj in range(keys):
                 for d in range(E):
