@@ -257,3 +257,69 @@ def test_backward_with_no_value_features_or_no_keys(backend):
                                                          backend=backend)
     assert [g.shape for g in got] == [q.shape, k.shape, v.shape]
     assert all((g == 0).all() for g in got)
+
+
+# --- CUDA (Numba's CUDA simulator unless NUMBA_ENABLE_CUDASIM=0) ---------------------------------
+
+def _cuda_or_skip():
+    pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+    from fastattn import _backends
+    reason = _backends.cuda_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_cuda_backward_matches_reference(case, dtype):
+    _cuda_or_skip()
+    rng = np.random.default_rng(13)
+    q, k, v, kwargs = make_case(rng, case, dtype)
+    out, lse = fastattn.scaled_dot_product_attention(q, k, v, backend="numpy", return_lse=True,
+                                                     **kwargs)
+    grad_out = rng.standard_normal(out.shape).astype(dtype)
+    inputs = [x.copy() for x in (grad_out, q, k, v, out, lse)]
+    got = fastattn.scaled_dot_product_attention_backward(grad_out, q, k, v, out, lse,
+                                                         backend="cuda", **kwargs)
+    for x, before in zip((grad_out, q, k, v, out, lse), inputs):
+        np.testing.assert_array_equal(x, before)
+    for g, x in zip(got, (q, k, v)):
+        assert isinstance(g, np.ndarray) and g.dtype == x.dtype and g.shape == x.shape
+    exact, plain = grad_errors(got, q, k, v, grad_out, out, lse, kwargs, dtype)
+    assert_gradients_match(got, exact, plain, dtype)
+
+
+def test_cuda_backward_of_device_arrays_stays_on_the_device():
+    _cuda_or_skip()
+    from numba import cuda
+    rng = np.random.default_rng(14)
+    q, k, v, kwargs = make_case(rng, CASES[IDS.index("gqa_causal_softcap")], np.float32)
+    out, lse = fastattn.scaled_dot_product_attention(q, k, v, backend="numpy", return_lse=True,
+                                                     **kwargs)
+    grad_out = rng.standard_normal(out.shape).astype(np.float32)
+    # grad_out as a strided view of a wider device array, read in place
+    wide = np.zeros((*grad_out.shape[:-1], 2 * grad_out.shape[-1]), np.float32)
+    wide[..., ::2] = grad_out
+    device = [cuda.to_device(x) for x in (wide, q, k, v, out, lse)]
+    device[0] = device[0][..., ::2]
+    got = fastattn.scaled_dot_product_attention_backward(*device, **kwargs)
+    assert all(hasattr(g, "copy_to_host") for g in got)
+    host = [g.copy_to_host() for g in got]
+    exact, plain = grad_errors(host, q, k, v, grad_out, out, lse, kwargs, np.float32)
+    assert_gradients_match(host, exact, plain, np.float32)
+
+
+def test_cuda_backward_float16():
+    _cuda_or_skip()
+    rng = np.random.default_rng(15)
+    q, k, v = (rng.standard_normal((1, 2, 6, 4)).astype(np.float16) for _ in range(3))
+    out, lse = fastattn.scaled_dot_product_attention(q, k, v, window=(2, 0), backend="numpy",
+                                                     return_lse=True)
+    grad_out = rng.standard_normal(out.shape).astype(np.float16)
+    got = fastattn.scaled_dot_product_attention_backward(grad_out, q, k, v, out, lse,
+                                                         window=(2, 0), backend="cuda")
+    assert all(g.dtype == np.float16 for g in got)
+    f32 = [x.astype(np.float32) for x in (grad_out, q, k, v, out, lse)]
+    want = reference.scaled_dot_product_attention_backward(*f32, window=(2, 0))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.astype(np.float32), w, atol=2e-2, rtol=1e-2)
