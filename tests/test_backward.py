@@ -323,3 +323,155 @@ def test_cuda_backward_float16():
     want = reference.scaled_dot_product_attention_backward(*f32, window=(2, 0))
     for g, w in zip(got, want):
         np.testing.assert_allclose(g.astype(np.float32), w, atol=2e-2, rtol=1e-2)
+
+
+# --- PyTorch's autograd (float64) ----------------------------------------------------------------
+
+def torch_forward(torch, q, k, v, kwargs):
+    """The forward written in torch operations, for its autograd: the same semantics as the
+    reference (scale, softcap, mask, causal+window, ALiBi, softmax)."""
+    kwargs = dict(kwargs)
+    L, S = q.shape[-2], k.shape[-2]
+    if kwargs.pop("enable_gqa", False):
+        group = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    similarity = kwargs.pop("similarity", "dot")
+    scale = kwargs.pop("scale", None)
+    if scale is None:
+        scale = 1.0 if similarity == "cosine" else q.shape[-1] ** -0.5
+    if similarity == "cosine":
+        q = q / q.norm(dim=-1, keepdim=True)
+        k = k / k.norm(dim=-1, keepdim=True)
+    scores = q @ k.transpose(-1, -2) * scale
+    softcap = kwargs.pop("softcap", None)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    mask = kwargs.pop("attn_mask", None)
+    if mask is not None:
+        if mask.dtype == np.bool_:
+            scores = scores.masked_fill(~torch.from_numpy(mask), float("-inf"))
+        else:
+            scores = scores + torch.from_numpy(mask)
+    alignment = kwargs.pop("alignment", "top_left")
+    seen = reference.keys_seen(L, S, kwargs.pop("is_causal", False), alignment,
+                               kwargs.pop("window", None))
+    scores = scores.masked_fill(~torch.from_numpy(seen), float("-inf"))
+    slopes = kwargs.pop("alibi_slopes", None)
+    if slopes is not None:
+        scores = scores + torch.from_numpy(reference.alibi_bias(slopes, L, S, alignment))
+    assert not kwargs, kwargs
+    return torch.softmax(scores, dim=-1) @ v
+
+
+# torch's softmax of a row of -inf is NaN, so the cases with such rows are left to the others
+TORCH_CASES = [c for c in CASES if c[0] not in ("fully_masked_rows", "causal_bottom_right_L>S")]
+
+
+@pytest.mark.parametrize("case", TORCH_CASES, ids=[c[0] for c in TORCH_CASES])
+def test_backward_matches_torch_autograd(case):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(21)
+    q, k, v, kwargs = make_case(rng, case)
+    out, lse = fastattn.scaled_dot_product_attention(q, k, v, backend="numpy", return_lse=True,
+                                                     **kwargs)
+    grad_out = rng.standard_normal(out.shape)
+    tensors = [torch.tensor(x, requires_grad=True) for x in (q, k, v)]
+    torch_out = torch_forward(torch, *tensors, kwargs)
+    np.testing.assert_allclose(torch_out.detach().numpy(), out, atol=1e-12)
+    want = torch.autograd.grad(torch_out, tensors, torch.from_numpy(grad_out))
+    for backend in BACKENDS:
+        got = fastattn.scaled_dot_product_attention_backward(grad_out, q, k, v, out, lse,
+                                                             backend=backend, **kwargs)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w.numpy(), rtol=0, atol=1e-9, err_msg=backend)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_backward_matches_torch_sdpa_autograd(is_causal):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(22)
+    q, k, v = (rng.standard_normal((2, 4, 37, 8)) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]  # GQA
+    mask = rng.random((37, 37)) < 0.9
+    mask[:, 0] = True
+    out, lse = fastattn.scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal,
+                                                     enable_gqa=True, return_lse=True)
+    grad_out = rng.standard_normal(out.shape)
+    tensors = [torch.tensor(x, requires_grad=True) for x in (q, k, v)]
+    torch_out = torch.nn.functional.scaled_dot_product_attention(
+        *tensors, attn_mask=torch.from_numpy(mask), is_causal=False, enable_gqa=True) \
+        if not is_causal else torch.nn.functional.scaled_dot_product_attention(
+            *tensors, attn_mask=torch.from_numpy(mask & np.tril(np.ones((37, 37), bool))),
+            enable_gqa=True)
+    want = torch.autograd.grad(torch_out, tensors, torch.from_numpy(grad_out))
+    got = fastattn.scaled_dot_product_attention_backward(grad_out, q, k, v, out, lse, mask,
+                                                         is_causal=is_causal, enable_gqa=True)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w.numpy(), rtol=0, atol=1e-9)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def problem():
+    rng = np.random.default_rng(30)
+    q, k, v = (rng.standard_normal((1, 2, 5, 4)).astype(np.float32) for _ in range(3))
+    out, lse = fastattn.scaled_dot_product_attention(q, k, v, backend="numpy", return_lse=True)
+    grad_out = np.ones_like(out)
+    return grad_out, q, k, v, out, lse
+
+
+ALL_BACKENDS = BACKENDS + ["cuda"]
+
+
+def _call(backend, *args, **kwargs):
+    if backend == "cuda":
+        _cuda_or_skip()
+    return fastattn.scaled_dot_product_attention_backward(*args, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_bad_grad_out_and_out(backend, problem):
+    grad_out, q, k, v, out, lse = problem
+    with pytest.raises(ValueError, match=r"grad_out must have the forward's output shape .*"
+                                         r"\(1, 2, 5, 4\).*got shape \(1, 2, 4, 4\)"):
+        _call(backend, grad_out[:, :, :4], q, k, v, out, lse)
+    with pytest.raises(ValueError, match=r"out must have the forward's output shape"):
+        _call(backend, grad_out, q, k, v, out[..., :3], lse)
+    with pytest.raises(TypeError, match=r"grad_out must have the dtype .*float32.*got dtype "
+                                        r"float64"):
+        _call(backend, grad_out.astype(np.float64), q, k, v, out, lse)
+    with pytest.raises(TypeError, match=r"out must have the dtype"):
+        _call(backend, grad_out, q, k, v, out.astype(np.float16), lse)
+    with pytest.raises(TypeError, match=r"grad_out must be a float16, float32 or float64"):
+        _call(backend, grad_out.astype(np.int32), q, k, v, out, lse)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_bad_lse(backend, problem):
+    grad_out, q, k, v, out, lse = problem
+    with pytest.raises(ValueError, match=r"lse must be the forward's log-sum-exp of shape .*"
+                                         r"\(1, 2, 5\).*got shape \(1, 2, 5, 1\)"):
+        _call(backend, grad_out, q, k, v, out, lse[..., None])
+    with pytest.raises(ValueError, match=r"lse must be the forward's log-sum-exp of shape"):
+        _call(backend, grad_out, q, k, v, out, lse[:, :1])
+    bad = lse.copy()
+    bad[0, 1, 3] = np.nan
+    with pytest.raises(ValueError, match=r"lse has 1 NaN or \+inf entries: it must be the "
+                                         r"forward's log-sum-exp"):
+        _call(backend, grad_out, q, k, v, out, bad)
+    bad[0, 1, 3] = np.inf
+    with pytest.raises(ValueError, match=r"NaN or \+inf"):
+        _call(backend, grad_out, q, k, v, out, bad)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_bad_forward_arguments_are_checked_as_in_the_forward(backend, problem):
+    grad_out, q, k, v, out, lse = problem
+    with pytest.raises(ValueError, match=r"window left side must be >= 0"):
+        _call(backend, grad_out, q, k, v, out, lse, window=(-1, 0))
+    with pytest.raises(ValueError, match=r"query and key must have the same feature size"):
+        _call(backend, grad_out, q, k[..., :3], v, out, lse)
+    with pytest.raises(ValueError, match=r"backend must be one of"):
+        fastattn.scaled_dot_product_attention_backward(grad_out, q, k, v, out, lse,
+                                                       backend="bogus")
