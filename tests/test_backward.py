@@ -475,3 +475,24 @@ def test_bad_forward_arguments_are_checked_as_in_the_forward(backend, problem):
     with pytest.raises(ValueError, match=r"backend must be one of"):
         fastattn.scaled_dot_product_attention_backward(grad_out, q, k, v, out, lse,
                                                        backend="bogus")
+
+
+# --- the bench's backward cases --------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", ["backward", "forward_backward"])
+def test_bench_backward_implementations_agree(op):
+    from fastattn.bench import impls
+    problem = impls.Problem(op=op, heads=2, kv_heads=1, length=40, dim=8, causal=True)
+    assert problem.flops() == (2.5 if op == "backward" else 3.5) * 4 * 2 * 40 * 40 * 8 / 2
+    arrays = impls.make_inputs(problem)
+    results = {}
+    for name in impls.IMPLS[op]:
+        try:
+            results[name] = impls.prepare(name, problem, arrays)()
+        except impls.Unavailable:
+            continue
+    assert "numpy" in results and len(results) >= 2
+    for name, grads in results.items():
+        for got, want in zip(grads, results["numpy"]):
+            got = got.detach().numpy() if hasattr(got, "detach") else got
+            np.testing.assert_allclose(got, want, atol=2e-5, err_msg=name)
