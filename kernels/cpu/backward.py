@@ -65,43 +65,73 @@ def pack_backward(q, k, v, grad_out, out, lse, scale, q_panels, q_columns, grad_
     Ep = k_rows.shape[2]
     Evp = v_rows.shape[2]
     zero = q.dtype.type(0.0)
+    q_size = q_columns.shape[2]  # elements per feature panel: Lp * cols
+    g_size = grad_out_columns.shape[2]
     for item in prange(N * n_panels):
         n = item // n_panels
         panel_index = item % n_panels
         i0 = panel_index * cols
         qp = q_panels[n, panel_index]
         gp = grad_out_panels[n, panel_index]
-        qc = q_columns[n]
-        gc = grad_out_columns[n]
-        for ii in range(cols):
+        qc = q_columns[n].reshape(-1)
+        gc = grad_out_columns[n].reshape(-1)
+        rows = min(cols, L - i0)
+        if rows < cols:  # the last panel: padding queries are zeros, with lse +inf
+            qp[:] = 0
+            gp[:] = 0
+        for ii in range(rows):
             i = i0 + ii
-            inside = i < L
+            q_row = q[n, i]
+            for d in range(E):
+                x = q_row[d] * scale
+                qp[d * cols + ii] = x
+                qc[(d // cols) * q_size + i * cols + d % cols] = x
+            g_row = grad_out[n, i]
+            o_row = out[n, i]
             delta = zero
-            for d in range(Ep):
-                x = q[n, i, d] * scale if inside and d < E else zero
-                if d < E:
-                    qp[d * cols + ii] = x
-                qc[d // cols, i * cols + d % cols] = x
-            for c in range(Evp):
-                g = grad_out[n, i, c] if inside and c < Ev else zero
-                if c < Ev:
-                    gp[c * cols + ii] = g
-                    if inside:
-                        delta += g * out[n, i, c]
-                gc[c // cols, i * cols + c % cols] = g
+            for c in range(Ev):
+                g = g_row[c]
+                gp[c * cols + ii] = g
+                gc[(c // cols) * g_size + i * cols + c % cols] = g
+                delta += g * o_row[c]
             row_delta[n, i] = delta
-            row_lse[n, i] = lse[n, i] if inside and lse[n, i] != -np.inf else np.inf
+            row_lse[n, i] = np.inf if lse[n, i] == -np.inf else lse[n, i]
+        for ii in range(rows, cols):
+            row_delta[n, i0 + ii] = zero
+            row_lse[n, i0 + ii] = np.inf
+        for ii in range(cols):  # padding features, and whole padding rows
+            i = i0 + ii
+            first_q = E if ii < rows else 0
+            for d in range(first_q, Ep):
+                qc[(d // cols) * q_size + i * cols + d % cols] = zero
+            first_g = Ev if ii < rows else 0
+            for c in range(first_g, Evp):
+                gc[(c // cols) * g_size + i * cols + c % cols] = zero
     Sp = k_rows.shape[1]
     for item in prange(n_kv * Sp):
         m = item // Sp
         j = item % Sp
-        inside = j < S
+        kr = k_rows[m, j]
+        vr = v_rows[m, j]
+        kc = k_columns[m].reshape(-1)
+        if j < S:
+            k_row = k[m, j]
+            v_row = v[m, j]
+            for d in range(E):
+                kr[d] = k_row[d]
+            for c in range(Ev):
+                vr[c] = v_row[c]
+        else:
+            for d in range(E):
+                kr[d] = zero
+            for c in range(Ev):
+                vr[c] = zero
+        for d in range(E, Ep):
+            kr[d] = zero
+        for c in range(Ev, Evp):
+            vr[c] = zero
         for d in range(Ep):
-            x = k[m, j, d] if inside and d < E else zero
-            k_rows[m, j, d] = x
-            k_columns[m, d // cols, j * cols + d % cols] = x
-        for c in range(Evp):
-            v_rows[m, j, c] = v[m, j, c] if inside and c < Ev else zero
+            kc[(d // cols) * Sp * cols + j * cols + d % cols] = kr[d]
 
 
 @jit
