@@ -2,6 +2,8 @@
 the query, key and value from the forward's own ``out`` and ``lse``, with O(L) memory."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _backends, _prepare, reference
@@ -13,6 +15,8 @@ __all__ = ["scaled_dot_product_attention_backward"]
 # register tile's 6 rows and of its columns (16 float32, 8 float64), the key block of its rows.
 BLOCK_Q = 96
 BLOCK_K = 96
+# The cold compile of the CPU backward kernel (pack_backward with it), in seconds, for the notice.
+COMPILE_SECONDS = 30
 
 
 def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, attn_mask=None,
@@ -125,8 +129,13 @@ def _numba_backward(p: _prepare.AttentionProblem, grad_out, out, lse):
     grad_v = np.empty((n_kv, S, Ev), dtype)
     if N * L == 0 or S == 0:  # nothing attends to anything: no gradient
         return np.zeros_like(grad_q), np.zeros_like(grad_k), np.zeros_like(grad_v)
-    _numba._kernels()  # the compile notice
+    # the compile notice of the numba backend, for this kernel too
+    _numba.COMPILE_SECONDS.setdefault("attention_backward", COMPILE_SECONDS)
+    _numba._kernels()
     cols = tile_cols(dtype.itemsize)
+    if BLOCK_Q % math.lcm(kernels.ROWS, cols) or BLOCK_K % kernels.ROWS:
+        raise ValueError(f"BLOCK_Q={BLOCK_Q} must be a multiple of {math.lcm(kernels.ROWS, cols)} "
+                         f"and BLOCK_K={BLOCK_K} of {kernels.ROWS} for {dtype}")
     Lp, Sp = _padded(L, BLOCK_Q), _padded(S, BLOCK_K)
     Ep, Evp = _padded(E, cols), _padded(Ev, cols)
     v = p.variants
