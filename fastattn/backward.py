@@ -16,7 +16,7 @@ __all__ = ["scaled_dot_product_attention_backward"]
 BLOCK_Q = 96
 BLOCK_K = 96
 # The cold compile of the CPU backward kernel (pack_backward with it), in seconds, for the notice.
-COMPILE_SECONDS = 30
+COMPILE_SECONDS = 20
 
 
 def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, attn_mask=None,
