@@ -208,6 +208,25 @@ def test_backward_matches_reference(backend, case, dtype, small_blocks):
     assert_gradients_match(got, exact, plain, dtype)
 
 
+def test_numba_backward_with_long_key_blocks(monkeypatch):
+    if "numba" not in fastattn.backends():
+        pytest.skip("numba is not installed")
+    from fastattn import backward
+    monkeypatch.setattr(backward, "LONG_KEYS", 20)
+    monkeypatch.setattr(backward, "BLOCK_K_LONG", 18)
+    monkeypatch.setattr(backward, "BLOCK_Q", 48)
+    rng = np.random.default_rng(12)
+    q, k, v, kwargs = make_case(rng, ("long", ((1, 4), 53, 61, 8, 8, 2),
+                                      dict(is_causal=True, window=(30, None))), np.float64)
+    out, lse = fastattn.scaled_dot_product_attention(q, k, v, backend="numpy", return_lse=True,
+                                                     **kwargs)
+    grad_out = rng.standard_normal(out.shape)
+    got = fastattn.scaled_dot_product_attention_backward(grad_out, q, k, v, out, lse,
+                                                         backend="numba", **kwargs)
+    exact, plain = grad_errors(got, q, k, v, grad_out, out, lse, kwargs, np.float64)
+    assert_gradients_match(got, exact, plain, np.float64)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_float16_is_computed_in_float32(backend):
     rng = np.random.default_rng(2)
