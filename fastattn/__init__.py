@@ -4,7 +4,8 @@
     >>> q = k = v = np.random.default_rng(0).standard_normal((1, 8, 128, 64), dtype=np.float32)
     >>> out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-Public API: :func:`scaled_dot_product_attention`, :func:`attention_weights`, :func:`softmax`,
+Public API: :func:`scaled_dot_product_attention` (and its gradients,
+:func:`scaled_dot_product_attention_backward`), :func:`attention_weights`, :func:`softmax`,
 :func:`similarity`, :func:`merge_attention`, :func:`backends`, :class:`MultiHeadAttention`;
 :mod:`fastattn.reference` is the NumPy oracle.
 """
@@ -37,6 +38,7 @@ _kernels_from_source_tree()
 from . import reference  # noqa: E402
 from ._api import attention_weights, scaled_dot_product_attention, similarity, softmax  # noqa: E402
 from ._backends import BackendUnavailableError, backends  # noqa: E402
+from .backward import scaled_dot_product_attention_backward  # noqa: E402
 from .merge import merge_attention  # noqa: E402
 from .mha import MultiHeadAttention, multi_head_attention  # noqa: E402
 
@@ -44,6 +46,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "scaled_dot_product_attention",
+    "scaled_dot_product_attention_backward",
     "attention_weights",
     "softmax",
     "similarity",

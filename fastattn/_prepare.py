@@ -444,3 +444,40 @@ def prepare_similarity(a, b, kind):
         a3, b3 = unit_rows(a3), unit_rows(b3)
     scale = 1.0 / math.sqrt(E) if kind == "scaled_dot" and E else 1.0
     return a3, b3, scale, (*lead, a.shape[-2], b.shape[-2]), dtype
+
+
+def check_backward(a: AttentionArgs, grad_out, out, lse):
+    """Check the backward's own inputs against the checked forward arguments ``a``: grad_out and
+    out of the forward's output shape (..., L, Ev) and the query's dtype, lse of shape (..., L)
+    and a float dtype, without NaN (a Numba device array is checked for NaN by its backend).
+    Returns them as arrays (device arrays as they are)."""
+    out_shape = (*a.lead, a.L, a.Ev)
+    checked = []
+    for name, x in (("grad_out", grad_out), ("out", out)):
+        x = check_float_array(x, name)
+        if tuple(x.shape) != out_shape:
+            raise ValueError(f"{name} must have the forward's output shape (..., L, Ev) = "
+                             f"{out_shape} for query {tuple(a.query.shape)} and value "
+                             f"{tuple(a.value.shape)}, got shape {tuple(x.shape)}")
+        if x.dtype != a.in_dtype:
+            raise TypeError(f"{name} must have the dtype of query, value and the forward's out "
+                            f"({a.in_dtype}), got dtype {x.dtype}")
+        checked.append(x)
+    lse = check_float_array(lse, "lse")
+    lse_shape = (*a.lead, a.L)
+    if tuple(lse.shape) != lse_shape:
+        raise ValueError(f"lse must be the forward's log-sum-exp of shape (..., L) = {lse_shape} "
+                         f"(scaled_dot_product_attention(..., return_lse=True)), got shape "
+                         f"{tuple(lse.shape)}")
+    if not is_numba_device_array(lse):
+        check_lse_values(lse)
+    return checked[0], checked[1], lse
+
+
+def check_lse_values(lse: np.ndarray) -> None:
+    """The forward's lse is finite, or -inf for a row with no key: NaN or +inf is not one."""
+    if np.isnan(lse).any() or np.isposinf(lse).any():
+        bad = int(np.count_nonzero(np.isnan(lse) | np.isposinf(lse)))
+        raise ValueError(f"lse has {bad} NaN or +inf entries: it must be the forward's "
+                         f"log-sum-exp (finite, or -inf for a row with no key), as returned by "
+                         f"scaled_dot_product_attention(..., return_lse=True)")

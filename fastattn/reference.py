@@ -15,6 +15,18 @@ keys (p(i) = i top-left, i + S - L bottom-right), and
     keep    = p(i) - left <= j <= p(i) + right            (window; causal is right = 0)
     scores -= slope * |p(i) - j|                          (ALiBi, one slope per query head)
 
+The backward pass (``scaled_dot_product_attention_backward``) is the gradient of
+sum(grad_out * out), from the forward's own out and lse (FlashAttention-2's formulas):
+
+    weights = exp(scores - lse)                           (recomputed, not stored)
+    grad_v  = weights^T grad_out
+    D       = rowsum(grad_out * out)                      (= rowsum(weights * grad_weights))
+    grad_s  = weights * (grad_out v^T - D)                (the softmax's backward)
+    grad_s *= 1 - tanh^2(raw / softcap)                   (softcap: raw = similarity * scale)
+    grad_q  = scale grad_s k,    grad_k = scale grad_s^T q
+
+with cosine similarity's normalisation chained in after; masks and ALiBi slopes take no gradient.
+
 They take the same arguments as the public API but do not validate them; call the public
 functions with ``backend="numpy"`` for checked input and the package's dtype policy.
 """
@@ -34,6 +46,7 @@ __all__ = [
     "attention_weights",
     "scaled_dot_product_attention",
     "multi_head_attention",
+    "scaled_dot_product_attention_backward",
 ]
 
 
@@ -227,3 +240,54 @@ def multi_head_attention(query, key, value, num_heads, q_weight, k_weight, v_wei
         if average_attn_weights:
             weights = weights.mean(axis=1)
     return out, weights
+
+
+def _unit_rows_backward(x: np.ndarray, grad_unit: np.ndarray) -> np.ndarray:
+    """The gradient through x -> x / |x| (cosine similarity's normalisation):
+    (g - u (u . g)) / |x| with u = x / |x|; a zero row, where it is not differentiable, gets 0."""
+    norm = np.sqrt(np.sum(x * x, axis=-1, keepdims=True))
+    safe = np.where(norm == 0, 1, norm)
+    unit = x / safe
+    grad = (grad_unit - unit * np.sum(unit * grad_unit, axis=-1, keepdims=True)) / safe
+    return np.where(norm == 0, 0, grad)
+
+
+def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, attn_mask=None,
+                                          is_causal=False, scale=None, enable_gqa=False, *,
+                                          similarity="dot", alignment="top_left", window=None,
+                                          softcap=None, alibi_slopes=None):
+    """(grad_query, grad_key, grad_value): the gradients of sum(grad_out * out) for the forward
+    ``out, lse = scaled_dot_product_attention(..., return_lse=True)`` with the same arguments
+    (see the module doc for the formulas). With GQA the gradient of a key/value head sums over
+    the query heads that use it. A row with no key taking part (lse = -inf) has zero weights and
+    so gives nothing to any gradient. Masks and ALiBi slopes take no gradient."""
+    group = 1
+    if enable_gqa and query.ndim >= 3 and key.shape[-3] != query.shape[-3]:
+        group = query.shape[-3] // key.shape[-3]
+    k = np.repeat(key, group, axis=-3) if group > 1 else key
+    v = np.repeat(value, group, axis=-3) if group > 1 else value
+    if scale is None:
+        scale = 1.0 if similarity == "cosine" else 1.0 / math.sqrt(query.shape[-1])
+    scale = np.asarray(scale, dtype=query.dtype)
+    q_rows, k_rows = (_unit_rows(query), _unit_rows(k)) if similarity == "cosine" else (query, k)
+
+    scores = _scores(query, key, attn_mask, is_causal, scale, enable_gqa, similarity, alignment,
+                     window, softcap, alibi_slopes)
+    # lse = -inf (no key) becomes +inf: exp(scores - inf) = 0, the row's weights are all zero
+    row_lse = np.where(np.isneginf(lse), np.inf, lse)[..., None]
+    weights = np.exp(scores - row_lse)
+    grad_v = np.swapaxes(weights, -1, -2) @ grad_out
+    D = np.sum(grad_out * out, axis=-1, keepdims=True)
+    grad_scores = weights * (grad_out @ np.swapaxes(v, -1, -2) - D)
+    if softcap:
+        cap = np.asarray(softcap, dtype=scores.dtype)
+        grad_scores = grad_scores * (1 - np.tanh(_dot(q_rows, k_rows) * scale / cap) ** 2)
+    grad_q = scale * (grad_scores @ k_rows)
+    grad_k = scale * (np.swapaxes(grad_scores, -1, -2) @ q_rows)
+    if similarity == "cosine":
+        grad_q = _unit_rows_backward(query, grad_q)
+        grad_k = _unit_rows_backward(k, grad_k)
+    if group > 1:  # key/value head h serves query heads h * group .. (h + 1) * group - 1
+        grad_k = grad_k.reshape(*key.shape[:-2], group, *key.shape[-2:]).sum(axis=-3)
+        grad_v = grad_v.reshape(*value.shape[:-2], group, *value.shape[-2:]).sum(axis=-3)
+    return grad_q, grad_k, grad_v

@@ -29,6 +29,9 @@ DEFAULT_LENGTHS = (1024, 4096, 8192)
 QUICK_LENGTHS = (1024, 2048)
 MEMORY_CHECK = Problem(op="attention", batch=1, heads=1, length=32768, dim=64)
 MEMORY_LIMIT_MIB = 64
+MEMORY_CHECK_BACKWARD = MEMORY_CHECK.with_(op="backward")
+MEMORY_LIMIT_BACKWARD_MIB = 128
+BACKWARD_OPS = (("backward", "backward"), ("forward+backward", "forward_backward"))
 
 EPILOG = f"""\
 implementations:
@@ -43,7 +46,8 @@ implementations:
   above 1 means this one is faster.
 
 measures:
-  GFLOP/s counts 4*B*H*L*S*D per attention call (half that when causal); the peak is NumPy's
+  GFLOP/s counts 4*B*H*L*S*D per attention call (half that when causal), 2.5x that for the
+  backward (FlashAttention's convention) and 3.5x for forward+backward; the peak is NumPy's
   matrix product (sgemm for float32) on the same threads in the same run. Extra memory is the
   growth of the peak resident set during one call, less its output, measured in a fresh
   process (Linux only); it grows at most like L for fused kernels, like L^2 for the formula.
@@ -60,6 +64,9 @@ examples:
   python -m fastattn bench --transformers    # a Llama-like model end to end, fastattn vs sdpa
   python -m fastattn bench                   # float32, B=1, H=8, D=64, L=S=1024,4096,8192
   python -m fastattn bench --memory-check    # one call at H=1, L=S=32768: < {MEMORY_LIMIT_MIB} MiB extra?
+                                             # (and one backward: < {MEMORY_LIMIT_BACKWARD_MIB} MiB?)
+  python -m fastattn bench --backward --lengths 1024,4096 --impls numba,torch
+                  # the backward, and forward+backward, against PyTorch's SDPA with requires_grad
   python -m fastattn bench --pipeline        # back to back as in a model: matmul then attention,
                                              # and the layer against PyTorch's
   python -m fastattn bench --lengths 512,2048 --causal --threads 1 --impls numba,torch
@@ -137,7 +144,8 @@ def parse_args(argv) -> argparse.Namespace:
                       help=f"a short run: L={','.join(map(str, QUICK_LENGTHS))}, fewer calls")
     what.add_argument("--full", action="store_true",
                       help="everything bench/RESULTS.md shows: the default cases, plus a float "
-                           "mask, GQA, the multi-head layer and --memory-check")
+                           "mask, GQA, the multi-head layer, the variants, the backward, the pipeline "
+                           "and --memory-check")
     what.add_argument("--pipeline", action="store_true",
                       help="only the pipeline cases (in --full): steps timed back to back with "
                            "no settle time, as in a model: NumPy's and PyTorch's matmul then "
@@ -145,14 +153,18 @@ def parse_args(argv) -> argparse.Namespace:
                            "against PyTorch's")
     what.add_argument("--memory-check", action="store_true",
                       help=f"only the memory check: one call at B=1, H=1, L=S=32768, D=64 "
-                           f"float32 must need < {MEMORY_LIMIT_MIB} MiB beyond inputs and output "
-                           f"(exit status 1 if not, 2 if it cannot be measured here)")
+                           f"float32 must need < {MEMORY_LIMIT_MIB} MiB beyond inputs and output, "
+                           f"one backward < {MEMORY_LIMIT_BACKWARD_MIB} MiB (exit status 1 if "
+                           f"not, 2 if it cannot be measured here)")
     what.add_argument("--transformers", action="store_true",
                       help="only the transformers case: a Llama-like model (4 layers, hidden "
                            "1024, 16 heads, 4 key/value heads) end to end, "
                            "attn_implementation='fastattn' against 'sdpa': prefill at L=2048 "
                            "and 8192, 128 decode steps at a context of 4096, float32 and "
                            "bfloat16 (needs torch and transformers; --quick: small sizes)")
+    what.add_argument("--backward", action="store_true",
+                      help="the backward (from the forward's out and lse) and forward+backward "
+                           "instead of the forward, against PyTorch's SDPA with requires_grad")
     what.add_argument("--lengths", type=_int_list, metavar="L,...",
                       help=f"sequence lengths L=S (default {','.join(map(str, DEFAULT_LENGTHS))})")
     causal = what.add_mutually_exclusive_group()
@@ -263,6 +275,15 @@ def build_groups(args) -> list[Group]:
     chosen = tuple(args.impls)
     if args.memory_check or (args.pipeline and not args.full):
         return []
+
+    def backward_groups(lengths):
+        return [Group(name, [base.with_(op=op, length=L, causal=c)
+                             for c in causal_modes for L in lengths],
+                      sweep=len(lengths) > 1,
+                      impls=tuple(i for i in chosen if i in impls.IMPLS[op]))
+                for name, op in BACKWARD_OPS]
+    if args.backward:
+        return backward_groups(sorted(args.lengths))
     if args.variants and not args.full:
         return [_variants_group(args, chosen)]
     groups = [Group("attention", [base.with_(length=L, causal=c)
@@ -284,6 +305,7 @@ def build_groups(args) -> list[Group]:
                             impls=tuple(i for i in chosen if i in impls.IMPLS["mha"]),
                             note=note))
         groups.append(_variants_group(args, chosen))
+        groups.extend(backward_groups(short))
     return groups
 
 
@@ -408,7 +430,7 @@ def run(args) -> dict:
     memory_reason = memory_reason or measure.memory_supported()
     check = args.memory_check or args.full
     n_cases = sum(len(g.problems) for g in groups)
-    total = 3 + n_cases + (1 if memory_reason is None and n_cases else 0) + (1 if check else 0) \
+    total = 3 + n_cases + (1 if memory_reason is None and n_cases else 0) + (2 if check else 0) \
         + (1 if pipeline else 0)
     progress = Progress(total, enabled=not args.no_progress)
     started = time.perf_counter()
@@ -451,6 +473,10 @@ def run(args) -> dict:
             if check:
                 progress.step("memory check at L=S=32768")
                 results["memory_check"] = memory_check(args)
+                progress.advance()
+                progress.step("memory check of the backward at L=S=32768")
+                results["memory_check_backward"] = memory_check(
+                    args, MEMORY_CHECK_BACKWARD, MEMORY_LIMIT_BACKWARD_MIB)
                 progress.advance()
     finally:
         progress.close()
@@ -618,22 +644,21 @@ def _add_memory(groups: list, args, reason, progress: Progress):
     progress.advance()
 
 
-def memory_check(args) -> dict:
+def memory_check(args, problem: Problem = MEMORY_CHECK, limit_mib: int = MEMORY_LIMIT_MIB) -> dict:
     """One call at B=1, H=1, L=S=32768, D=64 float32: extra memory against the limit."""
-    problem = MEMORY_CHECK
     names = [n for n in ("numba", "torch") if impls.available(n) is None]
     jobs = [{"key": n, "impl": n, "problem": {k: getattr(problem, k)
                                               for k in Problem.__dataclass_fields__}}
             for n in names]
     memory = measure.measure_memory(jobs, args.threads)
     numba = memory.get("numba", {"skipped": impls.available("numba") or "not run"})
-    result = {"problem": problem.as_dict(), "limit_mib": MEMORY_LIMIT_MIB,
+    result = {"problem": problem.as_dict(), "limit_mib": limit_mib,
               "score_matrix_mib": problem.length * problem.S * 4 / measure.MiB,
               "results": {name: ({"extra_mib": rec["extra_bytes"] / measure.MiB,
                                   "seconds": rec["seconds"]} if "extra_bytes" in rec else rec)
                           for name, rec in memory.items()}}
     # None: could not be measured here (no /proc, no numba): neither passed nor failed.
-    result["passed"] = (numba["extra_bytes"] < MEMORY_LIMIT_MIB * measure.MiB
+    result["passed"] = (numba["extra_bytes"] < limit_mib * measure.MiB
                         if "extra_bytes" in numba else None)
     return result
 
@@ -669,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
                 pipeline_lines(results["pipeline"], markdown=True)) + "\n"
         report.write_markdown(args.markdown, section)
         print(f"wrote {args.markdown}")
-    check = results.get("memory_check")
-    if check and check["passed"] is not None:
-        return 0 if check["passed"] else 1
-    return 2 if check else 0
+    checks = [results[key] for key in ("memory_check", "memory_check_backward") if key in results]
+    if any(check["passed"] is False for check in checks):
+        return 1
+    return 2 if any(check["passed"] is None for check in checks) else 0

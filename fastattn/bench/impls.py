@@ -23,12 +23,15 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-OPS = ("attention", "softmax", "similarity", "mha")
+OPS = ("attention", "softmax", "similarity", "mha", "backward", "forward_backward")
 IMPLS = {
     "attention": ("numba", "numpy", "formula", "torch", "flex", "cuda"),
     "softmax": ("numba", "numpy", "formula", "scipy", "torch", "cuda"),
     "similarity": ("numba", "numpy", "formula", "torch", "cuda"),
     "mha": ("numba", "numpy", "torch"),
+    # the attention backward from the forward's out and lse, and a forward and backward together
+    "backward": ("numba", "numpy", "torch"),
+    "forward_backward": ("numba", "numpy", "torch"),
 }
 DTYPES = ("float32", "float64", "float16")
 
@@ -43,7 +46,8 @@ class Problem:
 
     op: "attention" (scaled dot-product attention), "softmax" over the last axis of a (B, H, L, S)
     score array, "similarity" (B, H, L, D) x (B, H, S, D) -> (B, H, L, S), or "mha" (the multi-head
-    layer on (B, L, H*D) embeddings, self-attention).
+    layer on (B, L, H*D) embeddings, self-attention), "backward" (the attention's gradients
+    from grad_out and the forward's out and lse) or "forward_backward" (both passes).
     mask: None, "float" (an additive (L, S) bias) or "bool" (an (L, S) keep mask), broadcast over
     batch and heads.
     The attention variants, as fastattn's arguments: alignment ("top_left"/"bottom_right"),
@@ -124,7 +128,9 @@ class Problem:
 
         Attention: 4*B*H*L*S*D (two matrix products), half that when causal (with a window or
         bottom-right alignment: 4*B*H*D per query-key pair that takes part). Similarity: half of
-        that (one product). MHA: the attention plus the four projections, 8*B*L*E^2. Softmax: 0
+        that (one product). Backward: 2.5x the attention (FlashAttention's convention: five
+        products, one of them the recomputed scores); forward and backward: 3.5x. MHA: the
+        attention plus the four projections, 8*B*L*E^2. Softmax: 0
         (it is memory-bound; GFLOP/s is not shown for it).
         """
         B, H, L, S, D = self.batch, self.heads, self.length, self.S, self.dim
@@ -135,13 +141,17 @@ class Problem:
             return attention
         if self.op == "similarity":
             return attention / 2
+        if self.op == "backward":
+            return 2.5 * attention
+        if self.op == "forward_backward":
+            return 3.5 * attention
         if self.op == "mha":
             E = H * D
             return attention + 8.0 * B * L * E * E
         return 0.0
 
     def label(self) -> str:
-        parts = [self.op]
+        parts = ["forward+backward" if self.op == "forward_backward" else self.op]
         if self.op == "mha":
             parts.append(f"B={self.batch} L={self.length} E={self.heads * self.dim} "
                          f"H={self.heads}")
@@ -204,6 +214,8 @@ def make_inputs(p: Problem, seed: int = 0) -> dict:
         arrays = {"x": normal(B, L, H * D)}
     else:
         arrays = {"q": normal(B, H, L, D), "k": normal(B, Hkv, S, D), "v": normal(B, Hkv, S, D)}
+        if p.op in ("backward", "forward_backward"):
+            arrays["grad_out"] = normal(B, H, L, D)
     if p.mask == "float":
         # A relative-position bias (ALiBi-like): farther keys count less.
         i = np.arange(L)[:, None]
@@ -213,6 +225,14 @@ def make_inputs(p: Problem, seed: int = 0) -> dict:
         keep = rng.random((L, S)) < 0.9
         np.fill_diagonal(keep, True)  # every query keeps at least one key
         arrays["mask"] = keep
+    if p.op == "backward":  # the forward's out and lse, which the backward reads
+        import fastattn
+        from .._backends import numba_unavailable_reason
+
+        arrays["out"], arrays["lse"] = fastattn.scaled_dot_product_attention(
+            arrays["q"], arrays["k"], arrays["v"], arrays.get("mask"), is_causal=p.causal,
+            enable_gqa=p.gqa, return_lse=True,
+            backend="numba" if numba_unavailable_reason() is None else "numpy")
     return arrays
 
 
@@ -283,8 +303,27 @@ def _fastattn(backend: str):
             return lambda: fastattn.softmax(a["x"], mask=a.get("mask"), backend=backend)
         if p.op == "similarity":
             return lambda: fastattn.similarity(a["a"], a["b"], "dot", backend=backend)
+        if p.op in ("backward", "forward_backward"):
+            return _fastattn_backward(p, a, backend)
         return _fastattn_mha(p, a, backend)
     return build
+
+
+def _fastattn_backward(p: Problem, a: dict, backend: str):
+    import fastattn
+
+    q, k, v, mask, grad_out = a["q"], a["k"], a["v"], a.get("mask"), a["grad_out"]
+    options = dict(is_causal=p.causal, enable_gqa=p.gqa, backend=backend)
+    backward = fastattn.scaled_dot_product_attention_backward
+    if p.op == "backward":
+        out, lse = a["out"], a["lse"]
+        return lambda: backward(grad_out, q, k, v, out, lse, mask, **options)
+
+    def forward_backward():
+        out, lse = fastattn.scaled_dot_product_attention(q, k, v, mask, return_lse=True,
+                                                         **options)
+        return backward(grad_out, q, k, v, out, lse, mask, **options)
+    return forward_backward
 
 
 def _fastattn_mha(p: Problem, a: dict, backend: str):
@@ -308,6 +347,8 @@ def _formula(p: Problem, a: dict):
         raise Unavailable("no plain formula for the layer (the numpy implementation is one)")
     if p.variants:
         raise Unavailable("the plain formula has no variants (the numpy implementation has)")
+    if p.op in ("backward", "forward_backward"):
+        raise Unavailable("no plain formula for the backward (the numpy implementation is one)")
     if p.op == "similarity":
         x, y = a["a"], a["b"]
         return lambda: x @ np.swapaxes(y, -1, -2)
@@ -364,6 +405,8 @@ def _torch(p: Problem, a: dict):
     t = {name: torch.from_numpy(arr) for name, arr in a.items()}  # shares the memory
     if p.op == "mha":
         return _torch_mha(p, t)
+    if p.op in ("backward", "forward_backward"):
+        return _torch_backward(p, t)
 
     def no_grad(fn):
         def call():
@@ -482,6 +525,26 @@ def _flex(p: Problem, a: dict):
     return call
 
 
+def _torch_backward(p: Problem, t: dict):
+    """PyTorch's SDPA with requires_grad (its CPU flash kernel and flash backward)."""
+    import torch
+
+    if p.causal and p.mask:
+        raise Unavailable("torch's scaled_dot_product_attention takes a mask or is_causal, "
+                          "not both")
+    kwargs = {"enable_gqa": True} if p.gqa else {}
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    q, k, v = (t[name].requires_grad_() for name in ("q", "k", "v"))
+    mask, grad_out = t.get("mask"), t["grad_out"]
+
+    def forward():
+        return sdpa(q, k, v, attn_mask=mask, is_causal=p.causal, **kwargs)
+    if p.op == "backward":
+        out = forward()  # outside the timed part, as fastattn's out and lse are
+        return lambda: torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)
+    return lambda: torch.autograd.grad(forward(), (q, k, v), grad_out)
+
+
 def _torch_mha(p: Problem, t: dict):
     import torch
 
@@ -506,8 +569,8 @@ def _torch_mha(p: Problem, t: dict):
 
 
 def _cuda(p: Problem, a: dict):
-    if p.op == "mha":
-        raise Unavailable("the layer is benchmarked on the CPU only")
+    if p.op in ("mha", "backward", "forward_backward"):
+        raise Unavailable(f"{p.op} is benchmarked on the CPU only")
     from numba import cuda
 
     import fastattn

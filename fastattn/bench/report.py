@@ -170,16 +170,17 @@ def render_text(results: dict) -> str:
         lines.append("headline (range over the " + results["groups"][0]["name"] + " cases):")
         for key, span in results["headline"].items():
             lines.append(f"  {key}: {_span(span)}")
-    check = results.get("memory_check")
-    if check:
-        lines.append("")
-        lines.extend(_memory_check_lines(check))
+    for key in ("memory_check", "memory_check_backward"):
+        if results.get(key):
+            lines.append("")
+            lines.extend(_memory_check_lines(results[key]))
     return "\n".join(lines)
 
 
 def _memory_check_lines(check: dict) -> list[str]:
     p = check["problem"]
-    lines = [f"memory check: one call at B={p['batch']} H={p['heads']} L=S={p['length']} "
+    what = "one backward call" if p.get("op") == "backward" else "one call"
+    lines = [f"memory check: {what} at B={p['batch']} H={p['heads']} L=S={p['length']} "
              f"D={p['dim']} {p['dtype']} (the score matrix alone would be "
              f"{check['score_matrix_mib']:.0f} MiB); limit {check['limit_mib']} MiB "
              f"beyond inputs and output"]
@@ -278,8 +279,9 @@ def render_markdown(results: dict, plot_path: str | None = None,
                   + " cases; > 1 means fastattn is faster):", ""]
         for key, span in results["headline"].items():
             lines.append(f"- {key}: {_span(span)}")
-    if results.get("memory_check"):
-        lines += ["", "```", *_memory_check_lines(results["memory_check"]), "```"]
+    for key in ("memory_check", "memory_check_backward"):
+        if results.get(key):
+            lines += ["", "```", *_memory_check_lines(results[key]), "```"]
     return "\n".join(lines) + "\n"
 
 
