@@ -459,12 +459,13 @@ def _compiled_mod(fn, role: str, kernel_args: tuple, score_dtype) -> _Mod:
     signature = ((numba.from_dtype(score_dtype),) if role == "score_mod" else ()) + \
         (index,) * 4 + arg_types
     try:
-        mod.dispatcher.compile(signature)
+        # (through the dispatcher's typing, which folds the star-args of *args into a tuple)
+        _, _, folded, _ = mod.dispatcher.get_call_template(list(signature), {})
     except Exception as exc:
         described = ", ".join(str(t) for t in signature)
         raise TypeError(f"Numba cannot compile {role} {_name(fn)!r} for arguments "
                         f"({described}):\n{_numba_reason(exc)}") from None
-    returns = mod.dispatcher.overloads[signature].signature.return_type
+    returns = mod.dispatcher.overloads[tuple(folded)].signature.return_type
     if role == "score_mod":
         if isinstance(returns, types.Boolean) or not isinstance(returns, (types.Float,
                                                                           types.Integer)):
@@ -526,6 +527,9 @@ def _item_order(kinds: np.ndarray, N: int, heads: int) -> np.ndarray:
     return np.argsort(-cost.reshape(-1), kind="stable").astype(np.int64)
 
 
+_last_kernel = None  # (for the tests: what the last call ran)
+
+
 def _numba_attention(p: _prepare.AttentionProblem, heads: int, score_mod, mask_mod, kinds,
                      block_size, kernel_args):
     from . import _numba
@@ -546,6 +550,8 @@ def _numba_attention(p: _prepare.AttentionProblem, heads: int, score_mod, mask_m
         fingerprint = f"score {score and score.fingerprint}; mask {mask and mask.fingerprint}"
     kernel = kernels.attention_kernel(score and score.dispatcher, mask and mask.dispatcher,
                                       fingerprint)
+    global _last_kernel
+    _last_kernel = kernel
     if N and L:
         bq, bk = block_size
         cols = tile_cols(p.dtype.itemsize)
