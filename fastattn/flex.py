@@ -568,6 +568,52 @@ def _numba_attention(p: _prepare.AttentionProblem, heads: int, score_mod, mask_m
     return out, lse
 
 
+def _cuda_attention(query, key, value, score_mod, mask_mod, block_mask, args, scale, enable_gqa,
+                    return_lse):
+    """The cuda backend: the checks of the others, then kernels/cuda/flex.py. Results are on
+    the device when an input is."""
+    from numba import cuda
+
+    from . import _cuda
+    from .kernels.cuda import flex as kernels
+
+    on_device = any(_backends.is_device_array(x) for x in (query, key, value))
+    a = _prepare.check_attention(_cuda._as_device_array(query), _cuda._as_device_array(key),
+                                 _cuda._as_device_array(value), None, False, scale, enable_gqa,
+                                 "dot")
+    H = a.lead[-1] if a.lead else 1
+    B = a.N // H if H else 0
+    if block_mask is not None:
+        _check_block_mask(block_mask, B, H, a.L, a.S, a.query.shape)
+        kinds, (mbq, mbk) = block_mask.kinds, block_mask.block_size
+    elif mask_mod is not None:
+        made = create_block_mask(mask_mod, B, H, a.L, a.S, args=_host_args(args))
+        kinds, (mbq, mbk) = made.kinds, made.block_size
+    else:
+        mbq, mbk = PLAIN_BLOCK_SIZE
+        kinds = np.full((1, 1, -(-a.L // mbq), -(-a.S // mbk)), FULL, np.int8)
+    kernel_args = tuple(cuda.to_device(x) if isinstance(x, np.ndarray) else x
+                        for x in _kernel_args(args, a.dtype))
+    out = cuda.device_array((a.N, a.L, a.Ev), a.in_dtype)
+    lse = cuda.device_array((a.N, a.L), a.dtype)
+    if a.N * a.L:
+        tiles = _cuda._tiles(a.dtype, a.Ev)
+        kernel = kernels.flex_kernels(tiles, a.dtype, score_mod, mask_mod).attention
+        grid = (a.N * -(-a.L // tiles.block_q), max(1, -(-a.Ev // tiles.block_v)))
+        kernel[grid, tiles.threads](
+            *_cuda._attention_operands(a), a.N, H, a.L, a.S, a.E, a.Ev, a.dtype.type(a.scale),
+            cuda.to_device(kinds), mbq, mbk, out, lse, kernel_args)
+    out = _cuda._result(out.reshape((*a.lead, a.L, a.Ev)), on_device)
+    if not return_lse:
+        return out
+    return out, _cuda._result(lse.reshape((*a.lead, a.L)), on_device)
+
+
+def _host_args(args: tuple) -> tuple:
+    """``args`` with device arrays copied to the host (to build a block mask on the CPU)."""
+    return tuple(a.copy_to_host() if _prepare.is_numba_device_array(a) else a for a in args)
+
+
 # --- the public function ----------------------------------------------------------------------------
 
 def _check_block_mask(block_mask, B: int, H: int, L: int, S: int, query_shape) -> None:
@@ -631,9 +677,8 @@ def flex_attention(query, key, value, score_mod=None, mask_mod=None, *, block_ma
     _check_mod(score_mod, "score_mod", SCORE_PARAMS, 5, args)
     _check_mod(mask_mod, "mask_mod", MASK_PARAMS, 4, args)
     if name == "cuda":
-        from . import _cuda_flex
-        return _cuda_flex.flex_attention(query, key, value, score_mod, mask_mod, block_mask,
-                                         args, scale, enable_gqa, return_lse)
+        return _cuda_attention(query, key, value, score_mod, mask_mod, block_mask, args, scale,
+                               enable_gqa, return_lse)
     p = _prepare.prepare_attention(query, key, value, None, False, scale, enable_gqa, "dot")
     lead = p.out_shape[:-2]
     L, S = p.q.shape[1], p.k.shape[1]

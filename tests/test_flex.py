@@ -483,3 +483,42 @@ def test_block_mask_for_other_shapes(rng):
         fastattn.create_block_mask(causal, None, 2.0, 16, 16)
     with pytest.raises(ValueError, match="L must be >= 1"):
         fastattn.create_block_mask(causal, None, None, 0, 16)
+
+
+# --- CUDA (in Numba's simulator, tiny tiles) --------------------------------------------------------
+
+@pytest.fixture
+def cuda_tiny(monkeypatch):
+    pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+    from fastattn import _backends
+    if _backends.cuda_unavailable_reason() is not None:
+        pytest.skip(_backends.cuda_unavailable_reason())
+    from fastattn import _cuda
+    from fastattn.kernels import cuda as kernels
+    tiny = kernels.Tiles(block_q=4, block_k=4, rows_per_thread=2, threads_per_row=2, chunk=2,
+                         block_v=4)
+    monkeypatch.setattr(_cuda, "TILES", {np.dtype(np.float32): tiny, np.dtype(np.float64): tiny})
+
+
+def test_cuda_block_mask_score_mod_gqa(rng, cuda_tiny):
+    q, k, v = inputs(rng, B=1, H=2, Hkv=1, L=11, S=13, E=5, Ev=6, dtype=np.float64)
+    mask = fastattn.create_block_mask(causal, None, None, 11, 13, block_size=(3, 16))
+    slopes = np.array([0.5, 0.25])
+    check(q, k, v, alibi, block_mask=mask, args=(slopes,), enable_gqa=True, backend="cuda")
+    check(q * 3, k, v, softcap, mask_mod=causal, args=(1.5,), enable_gqa=True, backend="cuda")
+
+
+def test_cuda_documents_rows_with_no_key_and_device_arrays(rng, cuda_tiny):
+    from numba import cuda
+    q, k, v = inputs(rng, B=2, H=1, L=10, S=10, E=4, Ev=4)
+    doc = np.array([[0, 0, 0, 1, 1, 1, 1, 2, 2, 2], [0, 1, 1, 1, 1, 1, 1, 1, 1, 3]])
+    mask = fastattn.create_block_mask(document_causal, 2, None, 10, 10, args=(doc,),
+                                      block_size=16)
+    check(q, k, v, block_mask=mask, backend="cuda")
+    out, lse = check(q, k, v, mask_mod=late_keys, args=(4,), backend="cuda")
+    assert np.all(out[:, :, :4] == 0) and np.all(np.isneginf(lse[:, :, :4]))
+    got = fastattn.flex_attention(*(cuda.to_device(x) for x in (q, k, v)), block_mask=mask,
+                                  args=(cuda.to_device(doc),))
+    assert hasattr(got, "copy_to_host")
+    np.testing.assert_allclose(got.copy_to_host(),
+                               fastattn.flex_attention(q, k, v, block_mask=mask), atol=1e-6)
