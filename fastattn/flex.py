@@ -139,6 +139,8 @@ def create_block_mask(mask_mod, B, H, L, S, *, args=(), block_size=None) -> Bloc
     L = _check_size(L, "L")
     S = _check_size(S, "S")
     block_size = _check_block_size(block_size)
+    if mask_mod is None:
+        raise TypeError(f"create_block_mask needs a mask_mod {MASK_PARAMS} -> bool, got None")
     _check_mod(mask_mod, "mask_mod", MASK_PARAMS, 4, args)
     args = tuple(args) if isinstance(args, (tuple, list)) else args
     _check_args_container(args)
@@ -358,7 +360,7 @@ def _function_fingerprint(fn, seen) -> str:
         if name in fn.__globals__:
             parts.append(f"{name}={_value_fingerprint(fn.__globals__[name], seen)}")
     for cell in fn.__closure__ or ():
-        parts.append(_value_fingerprint(cell.cell_contents, seen))
+        parts.append(_value_fingerprint(_cell_value(cell), seen))
     parts.append(_value_fingerprint(fn.__defaults__, seen))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
@@ -383,24 +385,42 @@ class _ShimModule(pytypes.ModuleType):
         return getattr(self._module, name)
 
 
+def _cell_value(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
 def _with_fast_tanh(fn):
     """``fn`` with ``math.tanh`` and ``np.tanh`` compiled to ``fast_tanh`` (float32 only; other
     dtypes get math.tanh), or ``fn`` itself when it uses neither."""
     from .kernels.cpu.flex import fast_tanh
 
+    def substitute(value):
+        if value is math or value is np:
+            return _ShimModule(value, fast_tanh)
+        if value is math.tanh or value is np.tanh:
+            return fast_tanh
+        return None
+
     replaced = {}
     for name in _code_names(fn.__code__):
-        value = fn.__globals__.get(name)
-        if value is math or value is np:
-            replaced[name] = _ShimModule(value, fast_tanh)
-        elif value is math.tanh or value is np.tanh:
-            replaced[name] = fast_tanh
-    if not replaced:
+        new = substitute(fn.__globals__.get(name))
+        if new is not None:
+            replaced[name] = new
+    closure = fn.__closure__
+    if closure:  # (a function defined inside another, which imported math there)
+        cells = [substitute(_cell_value(c)) for c in closure]
+        if any(c is not None for c in cells):
+            closure = tuple(pytypes.CellType(new) if new is not None else old
+                            for new, old in zip(cells, closure))
+    if not replaced and closure is fn.__closure__:
         return fn
     new_globals = dict(fn.__globals__)
     new_globals.update(replaced)
     rebound = pytypes.FunctionType(fn.__code__, new_globals, fn.__name__, fn.__defaults__,
-                                   fn.__closure__)
+                                   closure)
     rebound.__qualname__ = fn.__qualname__
     rebound.__module__ = fn.__module__
     return rebound
@@ -411,7 +431,9 @@ def _numba_reason(exc: BaseException) -> str:
     lines = [line for line in str(exc).splitlines()
              if line.strip() and not line.startswith(("Failed in nopython mode pipeline",
                                                       "During: "))]
-    text = "\n".join(lines[:14])
+    if len(lines) > 14:  # the start (what failed) and the end (where, in the user's source)
+        lines = lines[:5] + ["..."] + lines[-7:]
+    text = "\n".join(lines)
     import re
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
@@ -586,7 +608,7 @@ def _cuda_attention(query, key, value, score_mod, mask_mod, block_mask, args, sc
     if block_mask is not None:
         _check_block_mask(block_mask, B, H, a.L, a.S, a.query.shape)
         kinds, (mbq, mbk) = block_mask.kinds, block_mask.block_size
-    elif mask_mod is not None:
+    elif mask_mod is not None and a.L and a.S:
         made = create_block_mask(mask_mod, B, H, a.L, a.S, args=_host_args(args))
         kinds, (mbq, mbk) = made.kinds, made.block_size
     else:
@@ -699,7 +721,7 @@ def flex_attention(query, key, value, score_mod=None, mask_mod=None, *, block_ma
     else:
         if block_mask is not None:
             kinds, block_size = block_mask.kinds, block_mask.block_size
-        elif mask_mod is not None:
+        elif mask_mod is not None and L and S:
             made = create_block_mask(mask_mod, B, H, L, S, args=args)
             kinds, block_size = made.kinds, made.block_size
         else:

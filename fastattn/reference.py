@@ -242,6 +242,7 @@ def flex_grid(fn, L: int, S: int, b: int, h: int, *args, score=None) -> np.ndarr
     (q_idx (L, 1), kv_idx (1, S)), which NumPy broadcasts; a function that takes scalars only
     (``math.tanh``, ``if``, ``and``) is then called element by element.
     """
+    fn = getattr(fn, "py_func", fn)  # a numba.njit-ed function: its Python itself
     q_idx = np.arange(L, dtype=np.int64)[:, None]
     kv_idx = np.arange(S, dtype=np.int64)[None, :]
     lead = () if score is None else (score,)
@@ -249,7 +250,7 @@ def flex_grid(fn, L: int, S: int, b: int, h: int, *args, score=None) -> np.ndarr
         with np.errstate(all="ignore"):
             grid = np.asarray(fn(*lead, np.int64(b), np.int64(h), q_idx, kv_idx, *args))
         return np.broadcast_to(grid, (L, S))
-    except (TypeError, ValueError, IndexError):
+    except Exception:  # noqa: BLE001 - it takes scalars only: evaluated one by one below
         pass
     out = np.empty((L, S), dtype=bool if score is None else score.dtype)
     for i in range(L):

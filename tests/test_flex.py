@@ -522,3 +522,44 @@ def test_cuda_documents_rows_with_no_key_and_device_arrays(rng, cuda_tiny):
     assert hasattr(got, "copy_to_host")
     np.testing.assert_allclose(got.copy_to_host(),
                                fastattn.flex_attention(q, k, v, block_mask=mask), atol=1e-6)
+
+
+# --- the benchmark's flex cases -------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["causal", "window", "softcap", "document", "prefix"])
+def test_bench_flex_cases_agree_with_the_builtin_path(case):
+    from fastattn.bench import impls
+    p = impls.Problem(op="flex", flex=case, heads=2, length=64, dim=16)
+    arrays = impls.make_inputs(p)
+    got = impls.prepare("numba", p, arrays)()
+    score_mod, mask_mod, args = impls._flex_functions(p)
+    keep = impls._flex_keep(case, np.arange(64)[:, None], np.arange(64)[None, :], 64, 64)
+    assert impls.flex_pairs(p) == keep.sum() and p.flops() == 4 * 2 * 16 * keep.sum()
+    try:
+        want = impls.prepare("sdpa", p, arrays)()
+    except impls.Unavailable:  # (window and softcap: until the variants issue)
+        want = fastattn.flex_attention(*(arrays[n] for n in "qkv"), score_mod, mask_mod,
+                                       args=args, backend="numpy")
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_tanh_in_float32_is_the_vectorised_one(rng):
+    def make_softcap():
+        import math as local_math
+
+        def capped(score, b, h, q_idx, kv_idx, cap):
+            return cap * local_math.tanh(score / cap)
+        return capped
+
+    def with_numpy(score, b, h, q_idx, kv_idx, cap):
+        return cap * np.tanh(score / cap)
+
+    fast = flex_kernels().fast_tanh
+    closure_fn = make_softcap()
+    rebound = flex._with_fast_tanh(closure_fn)
+    assert rebound.__closure__[0].cell_contents.tanh is fast
+    assert flex._with_fast_tanh(with_numpy).__globals__["np"].tanh is fast
+    assert flex._with_fast_tanh(causal) is causal
+    q, k, v = inputs(rng, L=30)
+    for fn in (closure_fn, with_numpy, softcap):
+        check(q * 3, k, v, fn, args=(1.5,))
