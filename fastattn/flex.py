@@ -527,14 +527,26 @@ def _run_items(call, order: np.ndarray, kernel) -> None:
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
                 errors.append(exc)
 
-    helpers = [threading.Thread(target=work, daemon=True) for _ in range(threads - 1)]
-    for t in helpers:
-        t.start()
+    helpers = [_pool(threads - 1).submit(work) for _ in range(threads - 1)]
     work()
-    for t in helpers:
-        t.join()
+    for done in helpers:
+        done.result()
     if errors:
         raise errors[0]
+
+
+_pools: dict = {}
+
+
+def _pool(workers: int):
+    """Threads kept between calls (starting threads costs milliseconds on a busy machine)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _mods_lock:
+        pool = _pools.get(workers)
+        if pool is None:
+            pool = _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="fastattn")
+        return pool
 
 
 def _item_order(kinds: np.ndarray, N: int, heads: int) -> np.ndarray:

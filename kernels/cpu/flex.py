@@ -154,6 +154,7 @@ def attention_kernel(score_mod, mask_mod, fingerprint=None):
                 q_block[i, d] = q[n, q0 + i, d] * scale
         q_flat = q_block.reshape(-1)
         scores = np.empty(GROUP * keys_padded, dtype)
+        keep = np.empty(GROUP * keys_padded, np.bool_)  # mask_mod of the partial blocks
         acc = np.zeros((rows_padded, ev_padded), dtype)
         acc_flat = acc.reshape(-1)
         row_max = np.full(rows_padded, -np.inf, dtype)
@@ -171,28 +172,62 @@ def attention_kernel(score_mod, mask_mod, fingerprint=None):
             keys = min(kb * block_k, S) - k0
             for r0 in range(0, bq, GROUP):
                 rows = min(GROUP, bq - r0)
-                for panel in range(-(-keys // cols)):
+                # mask_mod on the partial blocks first: the span [lo, hi) of keys that any row
+                # of the group keeps is all the products need (on a causal diagonal, the keys
+                # up to the group's last row)
+                lo = keys
+                hi = 0
+                for sub in range(first, kb):
+                    j0 = sub * block_k - k0
+                    j1 = min(j0 + block_k, keys)
+                    if kinds[sub] == FULL:
+                        lo = min(lo, j0)
+                        hi = max(hi, j1)
+                        continue
+                    for i in range(rows):
+                        query = q0 + r0 + i
+                        flags = keep[i * keys_padded:(i + 1) * keys_padded]
+                        any_kept = False
+                        for j in range(j0, j1):
+                            kept = mask_mod(b, h, query, k0 + j, *args)
+                            flags[j] = kept
+                            any_kept |= kept
+                        if any_kept:
+                            for j in range(j0, j1):
+                                if flags[j]:
+                                    lo = min(lo, j)
+                                    break
+                            for j in range(j1 - 1, j0 - 1, -1):
+                                if flags[j]:
+                                    hi = max(hi, j + 1)
+                                    break
+                if hi <= lo:
+                    continue  # no row of the group keeps a key of this run
+                for panel in range(lo // cols, -(-hi // cols)):
                     for t0 in range(0, rows, ROWS):
                         tile_product(q_flat, (r0 + t0) * E, E, key_panels,
                                      (k0 // cols + panel) * E * cols, cols, scores,
                                      t0 * keys_padded + panel * cols, keys_padded, E)
                 for i in range(rows):
-                    row = scores[i * keys_padded:i * keys_padded + keys]
+                    row = scores[i * keys_padded + lo:i * keys_padded + hi]
                     query = q0 + r0 + i
-                    for j in range(keys):
-                        row[j] = score_mod(row[j], b, h, query, k0 + j, *args)
+                    for j in range(hi - lo):
+                        row[j] = score_mod(row[j], b, h, query, k0 + lo + j, *args)
+                    flags = keep[i * keys_padded:(i + 1) * keys_padded]
                     for sub in range(first, kb):
                         if kinds[sub] == PARTIAL:
-                            j1 = min((sub + 1) * block_k - k0, keys)
-                            for j in range(sub * block_k - k0, j1):
-                                if not mask_mod(b, h, query, k0 + j, *args):
-                                    row[j] = -np.inf
+                            j0 = max(sub * block_k - k0, lo)
+                            j1 = min((sub + 1) * block_k - k0, hi)
+                            for j in range(j0, j1):
+                                if not flags[j]:
+                                    row[j - lo] = -np.inf
                     online_softmax_row(row, r0 + i, row_max, row_sum, acc[r0 + i])
                 for c0 in range(0, ev_padded, cols):
                     for t0 in range(0, rows, ROWS):
-                        tile_product_add(scores, t0 * keys_padded, keys_padded, value_panels,
-                                         c0 * S + k0 * cols, cols, acc_flat,
-                                         (r0 + t0) * ev_padded + c0, ev_padded, keys)
+                        tile_product_add(scores, t0 * keys_padded + lo, keys_padded,
+                                         value_panels, c0 * S + (k0 + lo) * cols, cols,
+                                         acc_flat, (r0 + t0) * ev_padded + c0, ev_padded,
+                                         hi - lo)
         for i in range(bq):
             total = row_sum[i]
             if total > 0 or total != total:
