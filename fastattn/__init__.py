@@ -6,7 +6,8 @@
 
 Public API: :func:`scaled_dot_product_attention` (and its gradients,
 :func:`scaled_dot_product_attention_backward`), :func:`attention_weights`, :func:`softmax`,
-:func:`similarity`, :func:`merge_attention`, :func:`backends`, :class:`MultiHeadAttention`;
+:func:`similarity`, :func:`merge_attention`, :func:`flex_attention` (with
+:func:`create_block_mask`), :func:`backends`, :class:`MultiHeadAttention`;
 :mod:`fastattn.reference` is the NumPy oracle.
 """
 import importlib.util as _util
@@ -39,6 +40,7 @@ from . import reference  # noqa: E402
 from ._api import attention_weights, scaled_dot_product_attention, similarity, softmax  # noqa: E402
 from ._backends import BackendUnavailableError, backends  # noqa: E402
 from .backward import scaled_dot_product_attention_backward  # noqa: E402
+from .flex import BlockMask, and_masks, create_block_mask, flex_attention, or_masks  # noqa: E402
 from .merge import merge_attention  # noqa: E402
 from .mha import MultiHeadAttention, multi_head_attention  # noqa: E402
 
@@ -56,4 +58,9 @@ __all__ = [
     "MultiHeadAttention",
     "multi_head_attention",
     "merge_attention",
+    "flex_attention",
+    "create_block_mask",
+    "BlockMask",
+    "and_masks",
+    "or_masks",
 ]

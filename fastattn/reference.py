@@ -47,6 +47,9 @@ __all__ = [
     "scaled_dot_product_attention",
     "multi_head_attention",
     "scaled_dot_product_attention_backward",
+    "flex_attention",
+    "flex_grid",
+    "block_mask_keep",
 ]
 
 
@@ -291,3 +294,79 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
         grad_k = grad_k.reshape(*key.shape[:-2], group, *key.shape[-2:]).sum(axis=-3)
         grad_v = grad_v.reshape(*value.shape[:-2], group, *value.shape[-2:]).sum(axis=-3)
     return grad_q, grad_k, grad_v
+
+
+# --- flex attention: user functions over index grids ----------------------------------------------
+
+def flex_grid(fn, L: int, S: int, b: int, h: int, *args, score=None) -> np.ndarray:
+    """``fn`` evaluated at every (q_idx, kv_idx) of one (b, h): an (L, S) array.
+
+    ``fn`` is a ``mask_mod(b, h, q_idx, kv_idx, *args)`` or, given ``score`` (L, S), a
+    ``score_mod(score, b, h, q_idx, kv_idx, *args)``. It is first called once on index grids
+    (q_idx (L, 1), kv_idx (1, S)), which NumPy broadcasts; a function that takes scalars only
+    (``math.tanh``, ``if``, ``and``) is then called element by element.
+    """
+    fn = getattr(fn, "py_func", fn)  # a numba.njit-ed function: its Python itself
+    q_idx = np.arange(L, dtype=np.int64)[:, None]
+    kv_idx = np.arange(S, dtype=np.int64)[None, :]
+    lead = () if score is None else (score,)
+    try:
+        with np.errstate(all="ignore"):
+            grid = np.asarray(fn(*lead, np.int64(b), np.int64(h), q_idx, kv_idx, *args))
+        return np.broadcast_to(grid, (L, S))
+    except Exception:  # noqa: BLE001 - it takes scalars only: evaluated one by one below
+        pass
+    out = np.empty((L, S), dtype=bool if score is None else score.dtype)
+    for i in range(L):
+        for j in range(S):
+            lead = () if score is None else (score[i, j],)
+            out[i, j] = fn(*lead, np.int64(b), np.int64(h), np.int64(i), np.int64(j), *args)
+    return out
+
+
+def block_mask_keep(kinds: np.ndarray, block_size: tuple, L: int, S: int) -> np.ndarray:
+    """A block mask's block kinds (..., L blocks, S blocks; 0 empty, 1 partial, 2 full) spread
+    over the (..., L, S) scores."""
+    bq, bk = block_size
+    return np.repeat(np.repeat(kinds, bq, axis=-2), bk, axis=-1)[..., :L, :S]
+
+
+def flex_attention(query, key, value, score_mod=None, mask_mod=None, *, block_kinds=None,
+                   block_size=None, args=(), scale=None, enable_gqa=False, return_lse=False):
+    """Attention with user functions, shapes as :func:`scaled_dot_product_attention`:
+
+        scores[b, h, i, j] = score_mod(q[b, h, i] . k[b, h, j] * scale, b, h, i, j, *args)
+        key j takes part in row i  iff  mask_mod(b, h, i, j, *args)
+
+    where ``b`` runs over the query's leading dims but the last (flattened) and ``h`` over the
+    last (the query heads). With ``block_kinds`` (a block mask's kinds, broadcastable to
+    (B, H, L blocks, S blocks), see ``fastattn.BlockMask``) a key in an empty block never takes
+    part, one in a full block always does, and ``mask_mod`` decides in a partial block.
+    """
+    if enable_gqa and query.ndim >= 3 and key.shape[-3] != query.shape[-3]:
+        group = query.shape[-3] // key.shape[-3]
+        key = np.repeat(key, group, axis=-3)
+        value = np.repeat(value, group, axis=-3)
+    *lead, L, E = query.shape
+    S = key.shape[-2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(E)
+    H = lead[-1] if lead else 1
+    B = int(np.prod(lead[:-1], dtype=np.int64)) if lead else 1
+    scores = (_dot(query, key) * np.asarray(scale, dtype=query.dtype)).reshape(B, H, L, S)
+    keep = np.ones((B, H, L, S), dtype=bool)
+    for b in range(B):
+        for h in range(H):
+            if score_mod is not None:
+                scores[b, h] = flex_grid(score_mod, L, S, b, h, *args, score=scores[b, h])
+            if mask_mod is not None:
+                keep[b, h] = flex_grid(mask_mod, L, S, b, h, *args)
+    if block_kinds is not None:
+        kinds = block_mask_keep(np.broadcast_to(block_kinds, (B, H) + block_kinds.shape[-2:]),
+                                block_size, L, S)
+        keep = (kinds == 2) | ((kinds == 1) & keep)
+    scores = np.where(keep, scores, -np.inf).reshape(*lead, L, S)
+    out = softmax(scores) @ value
+    if return_lse:
+        return out, _logsumexp(scores)
+    return out

@@ -77,6 +77,7 @@ examples:
                   # what bench/RESULTS.md shows: --markdown replaces the text between its
                   # "fastattn bench: begin/end" markers and leaves the rest of the file alone
   python -m fastattn bench --from-json bench/results.json --markdown report.md   # re-report
+  python -m fastattn bench --flex --lengths 8192 --no-memory   # flex_attention vs PyTorch's
 """
 
 
@@ -177,6 +178,11 @@ def parse_args(argv) -> argparse.Namespace:
     what.add_argument("--kv-heads", type=int, metavar="HKV",
                       help="key/value heads: fewer than --heads is grouped-query attention")
     what.add_argument("--dim", type=int, default=64, metavar="D", help="head size (default 64)")
+    what.add_argument("--flex", action="store_true",
+                      help="instead, the flex_attention cases (causal, window 1024, causal + "
+                           "softcap, 8 documents, prefix-LM) against fastattn's built-in path "
+                           "(sdpa) and PyTorch's compiled flex_attention, and the first call "
+                           "with a new mask function")
     what.add_argument("--mask", choices=("none", "float", "bool"), default="none",
                       help="an (L, S) mask broadcast over batch and heads (default none)")
     variants = parser.add_argument_group("attention variants (fastattn's arguments of the same "
@@ -286,6 +292,16 @@ def build_groups(args) -> list[Group]:
         return backward_groups(sorted(args.lengths))
     if args.variants and not args.full:
         return [_variants_group(args, chosen)]
+    if args.flex:
+        flex = base.with_(op="flex", flex="causal", mask=None)
+        return [Group("flex attention", [flex.with_(flex=case, length=L)
+                                         for case in impls.FLEX_CASES
+                                         for L in sorted(args.lengths)],
+                      impls=impls.IMPLS["flex"],
+                      note="numba: fastattn.flex_attention with a block mask made once; sdpa: "
+                           "fastattn's built-in path (is_causal, window, softcap; a bool "
+                           "attn_mask for document and prefix); torch: PyTorch's flex_attention "
+                           "under torch.compile (its compile is left out of the timings)")]
     groups = [Group("attention", [base.with_(length=L, causal=c)
                                   for c in causal_modes for L in sorted(args.lengths)],
                     sweep=len(args.lengths) > 1, impls=chosen)]
@@ -418,6 +434,18 @@ def _jit_times(args, cold: bool) -> dict:
     return out
 
 
+def _flex_jit_times() -> dict:
+    out = {}
+    for name, t in impls.flex_first_calls().items():
+        if name == "warm-up":
+            continue
+        label = f"fastattn flex first call ({name})"
+        out[label] = t["skipped"] if "skipped" in t else (
+            f"{t['first_call_s']:.2f} s (block mask and call, B=1 H=8 L=1024; import "
+            f"{t['import_s']:.2f} s)")
+    return out
+
+
 def run(args) -> dict:
     """Run the benchmark the options describe; every figure in one dict (what --json writes)."""
     groups = build_groups(args)
@@ -446,6 +474,8 @@ def run(args) -> dict:
                 progress.message(f"warning: {busy}")
             progress.show(0.5, "JIT: fastattn's first call in a new process")
             header.update(_jit_times(args, cold=args.jit or args.full))
+            if args.flex:
+                header.update(_flex_jit_times())
             results["header"] = header
             progress.advance()
             gemm = {"n": 2048 if args.quick else 4096, "runs": 3 if args.quick else 5}
@@ -618,7 +648,8 @@ def _add_memory(groups: list, args, reason, progress: Progress):
         for ci, case in enumerate(group["cases"]):
             problem = {k: case["problem"][k] for k in Problem.__dataclass_fields__}
             for record in case["results"]:
-                if "skipped" not in record and record["impl"] != "cuda":
+                if "skipped" not in record and record["impl"] != "cuda" and \
+                        case["problem"]["op"] != "flex":  # (torch.compile per fresh process)
                     jobs.append({"key": f"{gi}/{ci}/{record['impl']}", "impl": record["impl"],
                                  "problem": problem})
     if reason is not None:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-OPS = ("attention", "softmax", "similarity", "mha", "backward", "forward_backward")
+OPS = ("attention", "softmax", "similarity", "mha", "backward", "forward_backward", "flex")
 IMPLS = {
     "attention": ("numba", "numpy", "formula", "torch", "flex", "cuda"),
     "softmax": ("numba", "numpy", "formula", "scipy", "torch", "cuda"),
@@ -32,7 +32,13 @@ IMPLS = {
     # the attention backward from the forward's out and lse, and a forward and backward together
     "backward": ("numba", "numpy", "torch"),
     "forward_backward": ("numba", "numpy", "torch"),
+    "flex": ("numba", "sdpa", "torch"),
 }
+# The flex_attention cases (op "flex"): what each masks or modifies (see _flex_functions).
+FLEX_CASES = ("causal", "window", "softcap", "document", "prefix")
+FLEX_WINDOW = 1024      # keys per sliding window
+FLEX_DOCUMENTS = 8      # documents of equal length, each attending within itself
+FLEX_SOFTCAP = 20.0
 DTYPES = ("float32", "float64", "float16")
 
 
@@ -68,6 +74,7 @@ class Problem:
     window: tuple | None = None
     softcap: float | None = None
     alibi: bool = False
+    flex: str | None = None  # op "flex": one of FLEX_CASES
 
     def __post_init__(self):
         if self.window is not None:  # (a list once read back from JSON)
@@ -81,6 +88,9 @@ class Problem:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.mask not in (None, "float", "bool"):
             raise ValueError(f"mask must be None, 'float' or 'bool', got {self.mask!r}")
+        if (self.op == "flex") != (self.flex in FLEX_CASES):
+            raise ValueError(f"op 'flex' takes flex, one of {FLEX_CASES}; got op {self.op!r}, "
+                             f"flex {self.flex!r}")
         if self.heads % self.hkv:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.hkv})")
 
@@ -135,6 +145,8 @@ class Problem:
         """
         B, H, L, S, D = self.batch, self.heads, self.length, self.S, self.dim
         attention = 4.0 * B * H * L * S * D * (0.5 if self.causal else 1.0)
+        if self.op == "flex":
+            return 4.0 * B * H * D * flex_pairs(self)
         if self.window is not None or self.alignment != "top_left":
             attention = 4.0 * B * H * D * self.keys_seen()  # the pairs a window keeps
         if self.op == "attention":
@@ -151,7 +163,8 @@ class Problem:
         return 0.0
 
     def label(self) -> str:
-        parts = ["forward+backward" if self.op == "forward_backward" else self.op]
+        parts = [{"forward_backward": "forward+backward", "flex": f"flex {self.flex}"}.get(
+            self.op, self.op)]
         if self.op == "mha":
             parts.append(f"B={self.batch} L={self.length} E={self.heads * self.dim} "
                          f"H={self.heads}")
@@ -278,9 +291,11 @@ def prepare(impl: str, p: Problem, arrays: dict):
     """
     if impl not in IMPLS[p.op]:
         raise Unavailable(f"{impl} does not implement {p.op}")
-    reason = available(impl)
+    reason = available("numba" if impl == "sdpa" else impl)
     if reason is not None:
         raise Unavailable(reason)
+    if p.op == "flex":
+        return _flex(impl, p, arrays)
     return _PREPARE[impl](p, arrays)
 
 
@@ -662,3 +677,175 @@ _PREPARE = {
     "flex": _flex,
     "cuda": _cuda,
 }
+
+
+# --- flex_attention -------------------------------------------------------------------------------
+
+def flex_pairs(p: Problem) -> int:
+    """(query, key) pairs a flex case keeps, per head."""
+    L, S = p.length, p.S
+    i = np.arange(L)[:, None]
+    j = np.arange(S)[None, :]
+    kept = 0
+    for rows in range(0, L, 1024):  # a band at a time: (L, S) bools would be 64 MiB at 8192
+        keep = _flex_keep(p.flex, i[rows:rows + 1024], j, L, S)
+        kept += int(np.count_nonzero(keep))
+    return kept
+
+
+def _flex_keep(case, i, j, L, S):
+    if case in ("causal", "softcap"):
+        return j <= i
+    if case == "window":
+        return (j <= i) & (i - j < FLEX_WINDOW)
+    if case == "document":
+        return (i * FLEX_DOCUMENTS // L) == (j * FLEX_DOCUMENTS // S)
+    return (j < L // 4) | (j <= i)  # prefix: the first quarter bidirectional
+
+
+# The functions as a user would write them, at module level (so that Numba's cache keeps them).
+
+def flex_causal(b, h, q_idx, kv_idx, *args):
+    return q_idx >= kv_idx
+
+
+def flex_sliding_window(b, h, q_idx, kv_idx, *args):
+    return (q_idx >= kv_idx) & (q_idx - kv_idx < FLEX_WINDOW)
+
+
+def flex_softcap(score, b, h, q_idx, kv_idx, cap):
+    return cap * math.tanh(score / cap)
+
+
+def flex_same_document(b, h, q_idx, kv_idx, doc):
+    return doc[q_idx] == doc[kv_idx]
+
+
+def flex_prefix_lm(b, h, q_idx, kv_idx, prefix):
+    return (kv_idx < prefix) | (q_idx >= kv_idx)
+
+
+def _flex_functions(p: Problem):
+    """(score_mod, mask_mod, args) of a case for fastattn."""
+    doc = np.arange(p.length) * FLEX_DOCUMENTS // p.length
+    return {"causal": (None, flex_causal, ()), "window": (None, flex_sliding_window, ()),
+            "softcap": (flex_softcap, flex_causal, (FLEX_SOFTCAP,)),
+            "document": (None, flex_same_document, (doc,)),
+            "prefix": (None, flex_prefix_lm, (p.length // 4,))}[p.flex]
+
+
+def _flex(impl: str, p: Problem, a: dict):
+    q, k, v = a["q"], a["k"], a["v"]
+    if impl == "numba":
+        import fastattn
+
+        score_mod, mask_mod, args = _flex_functions(p)
+        block_mask = fastattn.create_block_mask(mask_mod, None, None, p.length, p.S, args=args)
+        return lambda: fastattn.flex_attention(q, k, v, score_mod, block_mask=block_mask,
+                                               args=args, enable_gqa=p.gqa, backend="numba")
+    if impl == "sdpa":
+        return _flex_builtin(p, q, k, v)
+    return _flex_torch(p, a)
+
+
+def _flex_builtin(p: Problem, q, k, v):
+    """fastattn's built-in path for the case: is_causal, window, softcap, or a bool mask."""
+    import fastattn
+
+    options = {"causal": dict(is_causal=True),
+               "window": dict(is_causal=True, window=(FLEX_WINDOW - 1, 0)),
+               "softcap": dict(is_causal=True, softcap=FLEX_SOFTCAP)}.get(p.flex)
+    if options is None:
+        i = np.arange(p.length)[:, None]
+        options = dict(attn_mask=_flex_keep(p.flex, i, np.arange(p.S)[None, :], p.length, p.S))
+    try:  # (window and softcap come with the variants issue)
+        small = np.zeros((1, 1, 4, 4), q.dtype)
+        fastattn.scaled_dot_product_attention(small, small, small, backend="numba",
+                                              **{key: (value[:4, :4] if key == "attn_mask"
+                                                       else value)
+                                                 for key, value in options.items()})
+    except NotImplementedError as exc:
+        raise Unavailable(f"fastattn's built-in path: {exc}") from None
+    return lambda: fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=p.gqa,
+                                                         backend="numba", **options)
+
+
+def _flex_torch(p: Problem, a: dict):
+    """PyTorch's flex_attention compiled (torch.compile; on the CPU it needs a C++ compiler).
+    The compile happens in the first call, which the timings leave out (first_call_ms)."""
+    import torch
+
+    try:
+        from torch.nn.attention import flex_attention as tf
+    except ImportError:
+        raise Unavailable("this PyTorch has no torch.nn.attention.flex_attention (2.5+)") \
+            from None
+    L, S = p.length, p.S
+    doc = torch.arange(L) * FLEX_DOCUMENTS // L
+    cap = FLEX_SOFTCAP
+    masks = {
+        "causal": lambda b, h, q_idx, kv_idx: q_idx >= kv_idx,
+        "window": lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx < FLEX_WINDOW),
+        "document": lambda b, h, q_idx, kv_idx: doc[q_idx] == doc[kv_idx],
+        "prefix": lambda b, h, q_idx, kv_idx: (kv_idx < L // 4) | (q_idx >= kv_idx),
+    }
+    masks["softcap"] = masks["causal"]
+    score_mod = (lambda s, b, h, q_idx, kv_idx: cap * torch.tanh(s / cap)) \
+        if p.flex == "softcap" else None
+    block_mask = tf.create_block_mask(masks[p.flex], None, None, L, S, device="cpu")
+    compiled = torch.compile(tf.flex_attention)
+    t = {name: torch.from_numpy(a[name]) for name in ("q", "k", "v")}
+    kwargs = {"enable_gqa": True} if p.gqa else {}
+
+    def call():
+        with torch.inference_mode():
+            return compiled(t["q"], t["k"], t["v"], score_mod=score_mod, block_mask=block_mask,
+                            **kwargs)
+    return call
+
+
+_FLEX_FIRST_CALL = """\
+import json, sys, time
+t0 = time.perf_counter()
+import numpy as np, fastattn
+t1 = time.perf_counter()
+def mask_{tag}(b, h, q_idx, kv_idx, *args):
+    return (q_idx >= kv_idx) & (q_idx - kv_idx < {window})
+q = np.random.default_rng(0).standard_normal((1, 8, 1024, 64), dtype=np.float32)
+t2 = time.perf_counter()
+block_mask = fastattn.create_block_mask(mask_{tag}, None, None, 1024, 1024)
+fastattn.flex_attention(q, q, q, block_mask=block_mask)
+print("RESULT " + json.dumps({{"import_s": t1 - t0, "first_call_s": time.perf_counter() - t2}}))
+"""
+
+
+def flex_first_calls() -> dict:
+    """Seconds of fastattn's first flex_attention call (block mask included, B=1, H=8, L=1024)
+    in a new process: with a function new to Numba's cache (its kernel compiles; the other
+    kernels are cached), and the same function again in another new process (loaded from the
+    cache). Run with a temporary NUMBA_CACHE_DIR, filled first by a run with another function."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(tmp, "cache"))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        runs = [("warm-up", 512), ("new function", 256), ("new process", 256)]
+        for name, window in runs:
+            script = os.path.join(tmp, f"flex_{window}.py")
+            with open(script, "w") as f:
+                f.write(_FLEX_FIRST_CALL.format(tag=window, window=window))
+            proc = subprocess.run([sys.executable, script], env=env, capture_output=True,
+                                  text=True)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                tail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+                results[name] = {"skipped": f"failed: {tail[0]}"}
+            else:
+                results[name] = json.loads(line[len("RESULT "):])
+    return results
