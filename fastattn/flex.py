@@ -26,7 +26,6 @@ import hashlib
 import inspect
 import math
 import numbers
-import sys
 import threading
 import types as pytypes
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import fastattn
-from . import _prepare, reference
+from . import _prepare
 
 __all__ = ["scaled_dot_product_attention"]
 
@@ -136,79 +136,10 @@ def _backward(grad_out, query, key, value, out, lse, attn_mask, is_causal, scale
     """(grad_query, grad_key, grad_value) as tensors in the inputs' dtype."""
     opts = {k: v for k, v in options.items() if k != "return_lse"}
     arrays = [_as_array(t) for t in (grad_out, query, key, value, out, lse, attn_mask)]
-    fused = getattr(fastattn, "scaled_dot_product_attention_backward", None)
-    if fused is not None:
-        _sync_for(query.device)
-        grads = fused(*arrays, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, **opts)
-    else:
-        opts.pop("backend", None)
-        grads = _numpy_backward(*[np.asarray(a) for a in arrays[:4]], arrays[6], is_causal,
-                                scale, enable_gqa, **opts)
+    _sync_for(query.device)
+    grads = fastattn.scaled_dot_product_attention_backward(
+        *arrays, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, **opts)
     return tuple(_as_tensor(g, t.dtype, t.device) for g, t in zip(grads, (query, key, value)))
-
-
-def _numpy_backward(grad_out, query, key, value, attn_mask, is_causal, scale, enable_gqa, *,
-                    similarity="dot", alignment="top_left", window=None, softcap=None,
-                    alibi_slopes=None):
-    """TEMPORARY, until fastattn.scaled_dot_product_attention_backward (the fused backward)
-    lands: the gradients by the reference's maths in float64, on CPU arrays. The lead removes this
-    function when merging the backward branch (``_backward`` then always calls the fused one).
-
-        P = softmax(scores), dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O))
-        through the softcap dS *= 1 - tanh^2, dQ = scale dS K, dK = scale dS^T Q
-    """
-    in_dtype = query.dtype
-    q, k, v, g = (np.asarray(a, np.float64) for a in (query, key, value, grad_out))
-    group = 1
-    if enable_gqa and q.ndim >= 3 and k.shape[-3] != q.shape[-3]:
-        group = q.shape[-3] // k.shape[-3]
-        k, v = np.repeat(k, group, axis=-3), np.repeat(v, group, axis=-3)
-    if scale is None:
-        scale = 1.0 if similarity == "cosine" else 1.0 / np.sqrt(q.shape[-1])
-    q_norm = k_norm = None
-    if similarity == "cosine":
-        q_norm = np.sqrt(np.sum(q * q, axis=-1, keepdims=True))
-        k_norm = np.sqrt(np.sum(k * k, axis=-1, keepdims=True))
-        q = q / np.where(q_norm == 0, 1, q_norm)
-        k = k / np.where(k_norm == 0, 1, k_norm)
-    scores = (q @ np.swapaxes(k, -1, -2)) * scale
-    capped = None
-    if softcap:
-        capped = np.tanh(scores / softcap)
-        scores = softcap * capped
-    if attn_mask is not None:
-        mask = np.asarray(attn_mask)
-        scores = np.where(mask, scores, -np.inf) if mask.dtype == np.bool_ else \
-            scores + mask.astype(np.float64)
-    L, S = scores.shape[-2:]
-    if is_causal or window is not None:
-        scores = np.where(reference.keys_seen(L, S, is_causal, alignment, window), scores,
-                          -np.inf)
-    if alibi_slopes is not None:
-        scores = scores + reference.alibi_bias(
-            np.broadcast_to(np.asarray(alibi_slopes, np.float64), q.shape[:-2]), L, S,
-            alignment)
-    weights = reference.softmax(scores)
-    out = weights @ v
-    grad_v = np.swapaxes(weights, -1, -2) @ g
-    grad_weights = g @ np.swapaxes(v, -1, -2)
-    grad_scores = weights * (grad_weights - np.sum(g * out, axis=-1, keepdims=True))
-    if capped is not None:
-        grad_scores = grad_scores * (1 - capped * capped)
-    grad_scores = grad_scores * scale
-    grad_q = grad_scores @ k
-    grad_k = np.swapaxes(grad_scores, -1, -2) @ q
-    if similarity == "cosine":  # through x / |x|; a zero row gets no gradient
-        grad_q = (grad_q - q * np.sum(grad_q * q, -1, keepdims=True)) / np.where(q_norm == 0,
-                                                                                  np.inf, q_norm)
-        grad_k = (grad_k - k * np.sum(grad_k * k, -1, keepdims=True)) / np.where(k_norm == 0,
-                                                                                  np.inf, k_norm)
-    if group > 1:
-        shape = (*grad_k.shape[:-3], grad_k.shape[-3] // group, group, *grad_k.shape[-2:])
-        grad_k = grad_k.reshape(shape).sum(axis=-3)
-        grad_v = grad_v.reshape((*shape[:-1], grad_v.shape[-1])).sum(axis=-3)
-    cast = np.float64 if in_dtype == np.float64 else np.float32
-    return tuple(np.ascontiguousarray(x, cast) for x in (grad_q, grad_k, grad_v))
 
 
 class _Attention(torch.autograd.Function):
