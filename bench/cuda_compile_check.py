@@ -110,19 +110,21 @@ def main(argv=None):
         ct = T.float32 if compute == np.float32 else T.float64
         dtype = np.dtype(compute)
         layout = (arr(store, 1), arr(i64, 1), i64, i64)
+        # offset, left, right, softcap, ALiBi slopes, use_alibi
+        variants_sig = (i64, i64, i64, ct, arr(ct, 1), boolean)
         for ev in (64,) if args.quick else (64, 128):
             ks = kernels.attention_kernels(_cuda._tiles(dtype, ev), dtype)
             for mname, mtype in masks:
                 mask = (arr(mtype or store, 1), arr(i64, 1), i64, i64, i64)
                 compile_one(f"attention {store} Ev<={ev} {mname}", ks.attention,
                             (*layout, *layout, *layout, *mask, i64, i64, i64, i64, i64, ct,
-                             boolean, boolean, arr(store, 3), arr(ct, 2)), compute)
+                             *variants_sig, boolean, arr(store, 3), arr(ct, 2)), compute)
         if args.quick:
             continue
         ks = kernels.attention_kernels(_cuda._tiles(dtype, 0), dtype)
         compile_one(f"attention_weights {store} float mask", ks.attention_weights,
                     (*layout, *layout, arr(store, 1), arr(i64, 1), i64, i64, i64, i64, i64, i64,
-                     i64, ct, boolean, boolean, arr(store, 3)), compute)
+                     i64, ct, *variants_sig, boolean, arr(store, 3)), compute)
         compile_one(f"similarity {store}", ks.similarity,
                     (*layout, *layout, i64, i64, i64, i64, ct, boolean, arr(store, 3)), compute)
         compile_one(f"softmax {store}", kernels.softmax_kernel(_cuda.SOFTMAX_TILES, dtype),

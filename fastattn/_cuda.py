@@ -19,7 +19,6 @@ import numpy as np
 from numba import cuda
 
 from . import _backends, _prepare
-from ._prepare import NO_LIMIT
 from .kernels import cuda as kernels  # importing compiles nothing
 
 _SIMULATOR = kernels._SIMULATOR
@@ -247,13 +246,16 @@ def _attention_operands(a: _prepare.AttentionArgs):
     return args
 
 
-def _check_supported(a: _prepare.AttentionArgs):
-    v = a.variants  # (the variants issue brings them to this backend)
-    top_left_causal = a.causal and v.right == 0 and v.offset == 0
-    if v.softcap or v.alibi is not None or v.left < NO_LIMIT or (
-            v.right < NO_LIMIT and not top_left_causal):
-        raise NotImplementedError("backend 'cuda' does not compute window, softcap, "
-                                  "alibi_slopes or bottom_right yet; use backend='numpy'")
+def _variant_args(a: _prepare.AttentionArgs):
+    """(offset, left, right, softcap, alibi slopes, use_alibi) as the kernels take them. Window
+    sides past any position (|p(i)| <= L + S) are clamped to L + S, so that p(i) - left and
+    p(i) + right stay small integers."""
+    v = a.variants
+    far = a.L + a.S
+    ct = a.dtype.type
+    alibi = v.alibi if v.alibi is not None else np.zeros(1, a.dtype)
+    return (v.offset, min(v.left, far), min(v.right, far), ct(v.softcap),
+            cuda.to_device(np.ascontiguousarray(alibi, a.dtype)), v.alibi is not None)
 
 
 def attention_weights(query, key, attn_mask, is_causal, scale, enable_gqa, *, similarity="dot",
@@ -262,7 +264,6 @@ def attention_weights(query, key, attn_mask, is_causal, scale, enable_gqa, *, si
     a = _prepare.check_attention(_as_device_array(query), _as_device_array(key), None,
                                  _as_device_array(attn_mask), is_causal, scale, enable_gqa,
                                  similarity, need_value=False, **variants)
-    _check_supported(a)
     out = cuda.device_array((a.N, a.L, a.S), a.in_dtype)
     if out.size:
         tiles = _tiles(a.dtype, 0)
@@ -270,7 +271,7 @@ def attention_weights(query, key, attn_mask, is_causal, scale, enable_gqa, *, si
         grid = a.N * -(-a.L // tiles.block_q)
         kernel[grid, tiles.threads](
             *_attention_operands(a), *_mask_args(a.mask, a.weights_shape), a.N, a.L, a.S, a.E,
-            a.dtype.type(a.scale), a.causal, a.similarity == "cosine", out)
+            a.dtype.type(a.scale), *_variant_args(a), a.similarity == "cosine", out)
     return _result(out.reshape(a.weights_shape), on_device)
 
 
@@ -280,7 +281,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask, is_causal, scale,
     a = _prepare.check_attention(_as_device_array(query), _as_device_array(key),
                                  _as_device_array(value), _as_device_array(attn_mask), is_causal,
                                  scale, enable_gqa, similarity, **variants)
-    _check_supported(a)
     out = cuda.device_array((a.N, a.L, a.Ev), a.in_dtype)
     lse = cuda.device_array((a.N, a.L), a.dtype)
     if a.N * a.L:
@@ -289,7 +289,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask, is_causal, scale,
         grid = (a.N * -(-a.L // tiles.block_q), max(1, -(-a.Ev // tiles.block_v)))
         kernel[grid, tiles.threads](
             *_attention_operands(a), *_mask_args(a.mask, a.weights_shape), a.N, a.L, a.S, a.E,
-            a.Ev, a.dtype.type(a.scale), a.causal, a.similarity == "cosine", out, lse)
+            a.Ev, a.dtype.type(a.scale), *_variant_args(a), a.similarity == "cosine", out, lse)
     out = _result(out.reshape((*a.lead, a.L, a.Ev)), on_device)
     if not return_lse:
         return out

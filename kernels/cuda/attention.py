@@ -99,10 +99,12 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
             cuda.syncthreads()
 
     @_device
-    def finish_scores(s, a_sq, b_sq, cosine, scale, i0, j0, La, Lb, causal, m, m_row, m_cs,
+    def finish_scores(s, a_sq, b_sq, cosine, scale, i0, j0, La, Lb, opts, slope, m, m_row, m_cs,
                       mask_kind, ty, tx):
-        """Scores from similarities: cosine, scale, then -inf past the ends, after the query
-        (causal, top-left) and where a bool mask is False; a float mask is added."""
+        """Scores from similarities in the variants' order: cosine, scale, softcap, then -inf
+        past the ends, outside the window (causal folded in) and where a bool mask is False (a
+        float mask is added), then the ALiBi bias -slope * |p(i) - j|."""
+        offset, left, right, softcap, use_alibi = opts
         b_inv = cuda.local.array(TN, ct)
         for c in range(TN):
             b_inv[c] = one
@@ -110,6 +112,7 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
                 b_inv[c] = one / math.sqrt(b_sq[c]) if b_sq[c] > zero else zero
         for r in range(TM):
             i = i0 + i64(ty) + r * TY
+            p = i + offset  # the row's position among the keys
             a_inv = one
             if cosine:
                 a_inv = one / math.sqrt(a_sq[r]) if a_sq[r] > zero else zero
@@ -119,14 +122,29 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
                 if cosine:
                     x = x * (a_inv * b_inv[c])
                 x = x * scale
-                if i >= La or j >= Lb or (causal and j > i):
+                if softcap > zero:
+                    x = softcap * math.tanh(x / softcap)
+                if i >= La or j >= Lb or j < p - left or j > p + right:
                     x = neg_inf
                 elif mask_kind == 1:  # (compared as compute floats: NVVM has no float16 compare)
                     if ct(m[u(m_row[r] + j * m_cs)]) == zero:
                         x = neg_inf
                 elif mask_kind == 2:
                     x = x + ct(m[u(m_row[r] + j * m_cs)])
+                if use_alibi:
+                    x = x - slope * ct(abs(p - j))
                 s[r, c] = x
+
+    @_device
+    def key_range(q0, L, S, opts):
+        """[start, end): the key tiles that some row of the query block q0 can see (start a tile
+        boundary); tiles wholly outside the window on either side are never visited."""
+        offset, left, right = opts[0], opts[1], opts[2]
+        p_first = q0 + offset
+        p_last = min(q0 + BQ, L) - 1 + offset
+        start = max(i64(0), p_first - left) // BK * BK
+        end = min(S, p_last + right + 1)
+        return start, end
 
     @_device
     def update_row_stats(s, row_max, row_sum, alpha, sRed, ty, tx):
@@ -205,8 +223,9 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
         j0 = i64(cuda.blockIdx.y) * BK
         score_tile(a, a_outer[n], a_rs, a_cs, La, b, b_outer[n], b_rs, b_cs, Lb, E, i0, j0,
                    cosine, sA, sB, s, a_sq, b_sq, tid, ty, tx)
-        finish_scores(s, a_sq, b_sq, cosine, scale, i0, j0, La, Lb, False, a_outer, no_rows, 0,
-                      0, ty, tx)
+        everything = (i64(0), La + Lb, La + Lb, zero, False)  # no window, softcap or ALiBi
+        finish_scores(s, a_sq, b_sq, cosine, scale, i0, j0, La, Lb, everything, zero, a_outer,
+                      no_rows, 0, 0, ty, tx)
         for r in range(TM):
             i = i0 + i64(ty) + r * TY
             for c in range(TN):
@@ -218,7 +237,8 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
 
     @cuda.jit
     def attention_weights(q, q_outer, q_rs, q_cs, k, k_outer, k_rs, k_cs, m, m_outer, m_rs, m_cs,
-                          mask_kind, N, L, S, E, scale, causal, cosine, out):
+                          mask_kind, N, L, S, E, scale, offset, left, right, softcap, alibi,
+                          use_alibi, cosine, out):
         """softmax(scale * q k^T + mask) into out (N, L, S): one pass for each row's max and
         sum, one that writes exp(score - max) / sum. Grid: N * query tiles."""
         sA = cuda.shared.array((CH, BQ1), ct)
@@ -241,26 +261,29 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
         start_block(m_outer, m_rs, mask_kind, n, q0, L, m_row, row_max, row_sum, ty)
         q_base = q_outer[n]
         k_base = k_outer[n]
-        k_end = min(S, q0 + BQ) if causal else S
+        opts = (offset, left, right, softcap, use_alibi)
+        slope = alibi[n] if use_alibi else zero
+        k_start, k_end = key_range(q0, L, S, opts)
         # pass 1: the max and the sum of exp(score - max) of each row
-        for j0 in range(0, k_end, BK):
+        for j0 in range(k_start, k_end, BK):
             score_tile(q, q_base, q_rs, q_cs, L, k, k_base, k_rs, k_cs, S, E, q0, j0, cosine,
                        sA, sB, s, a_sq, b_sq, tid, ty, tx)
-            finish_scores(s, a_sq, b_sq, cosine, scale, q0, j0, L, S, causal, m, m_row, m_cs,
-                          mask_kind, ty, tx)
+            finish_scores(s, a_sq, b_sq, cosine, scale, q0, j0, L, S, opts, slope, m, m_row,
+                          m_cs, mask_kind, ty, tx)
             update_row_stats(s, row_max, row_sum, alpha, sRed, ty, tx)
         row_totals(row_sum, total, sRed, ty, tx)
         for r in range(TM):
             # 1/total, NaN for a row with a NaN, 0 for a row with no key (its weights are 0)
             t_sum = total[r]
             total[r] = one / t_sum if t_sum > zero or t_sum != t_sum else zero
-        # pass 2: the weights (keys past the causal limit of the block are 0)
+        # pass 2: the weights (tiles outside the block's key range are 0)
         for j0 in range(0, S, BK):
-            if j0 < k_end:  # the same for every thread of the block: syncthreads is safe
+            seen = k_start <= j0 and j0 < k_end
+            if seen:  # the same for every thread of the block: syncthreads is safe
                 score_tile(q, q_base, q_rs, q_cs, L, k, k_base, k_rs, k_cs, S, E, q0, j0,
                            cosine, sA, sB, s, a_sq, b_sq, tid, ty, tx)
-                finish_scores(s, a_sq, b_sq, cosine, scale, q0, j0, L, S, causal, m, m_row,
-                              m_cs, mask_kind, ty, tx)
+                finish_scores(s, a_sq, b_sq, cosine, scale, q0, j0, L, S, opts, slope, m,
+                              m_row, m_cs, mask_kind, ty, tx)
             for r in range(TM):
                 i = q0 + i64(ty) + r * TY
                 inv = total[r]
@@ -271,7 +294,7 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
                         w = zero
                         if inv != inv:
                             w = inv
-                        elif j0 < k_end and mx != neg_inf:
+                        elif seen and mx != neg_inf:
                             w = math.exp(s[r, c] - mx) * inv
                         out[n, i, j] = w
 
@@ -279,12 +302,16 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
 
     @cuda.jit
     def attention(q, q_outer, q_rs, q_cs, k, k_outer, k_rs, k_cs, v, v_outer, v_rs, v_cs,
-                  m, m_outer, m_rs, m_cs, mask_kind, N, L, S, E, Ev, scale, causal, cosine,
-                  out, lse):
+                  m, m_outer, m_rs, m_cs, mask_kind, N, L, S, E, Ev, scale, offset, left, right,
+                  softcap, alibi, use_alibi, cosine, out, lse):
         """Flash-style attention: out (N, L, Ev) and lse (N, L), never storing the L x S scores.
 
         One block per (head, query tile) along grid x, the longest causal tiles first, and per
-        BV output columns along grid y. It walks the key tiles once (causal: up to the diagonal),
+        BV output columns along grid y. It walks once the key tiles that some row of the block
+        can see (the window, causal folded in, bounds them on both sides; the variants are
+        runtime options: ``offset`` places query row i at key position i + offset, key j takes
+        part if p - left <= j <= p + right, ``softcap`` > 0 caps the scores, ``use_alibi`` adds
+        -alibi[n] * |p - j|),
         keeping per row the running max, the running sum of exp(score - max) and the accumulator
         sum(exp(score - max) * v) in registers.
         """
@@ -317,14 +344,16 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
         q_base = q_outer[n]
         k_base = k_outer[n]
         v_base = v_outer[n]
-        # top-left causal: query i sees keys j <= i, so tiles past the block's last row are skipped
-        k_end = min(S, q0 + BQ) if causal else S
-        for j0 in range(0, k_end, BK):
+        opts = (offset, left, right, softcap, use_alibi)
+        slope = alibi[n] if use_alibi else zero
+        # only the key tiles inside the window (causal: up to the diagonal) of some row
+        k_start, k_end = key_range(q0, L, S, opts)
+        for j0 in range(k_start, k_end, BK):
             # scores of the tile, then the online softmax
             score_tile(q, q_base, q_rs, q_cs, L, k, k_base, k_rs, k_cs, S, E, q0, j0, cosine,
                        sA, sB, s, a_sq, b_sq, tid, ty, tx)
-            finish_scores(s, a_sq, b_sq, cosine, scale, q0, j0, L, S, causal, m, m_row, m_cs,
-                          mask_kind, ty, tx)
+            finish_scores(s, a_sq, b_sq, cosine, scale, q0, j0, L, S, opts, slope, m, m_row,
+                          m_cs, mask_kind, ty, tx)
             update_row_stats(s, row_max, row_sum, alpha, sRed, ty, tx)
             # rescale the accumulator to the new max, then add weights @ values
             for r in range(TM):
