@@ -24,11 +24,16 @@ from conftest import assert_matches_reference  # noqa: E402
 
 TINY = kernels.Tiles(block_q=4, block_k=4, rows_per_thread=2, threads_per_row=2, chunk=2,
                      block_v=4)
+# 4 threads; E > 4 walks the features in panels, E <= 4 keeps the query tile resident
+TINY_FUSED = (kernels.FusedTiles(block_q=4, block_k=4, rows_per_thread=2, threads_per_row=2,
+                                 features=4, block_v=4),)
 
 
 @pytest.fixture(autouse=True)
 def tiny_tiles(monkeypatch):
     monkeypatch.setattr(_cuda, "TILES", {np.dtype(np.float32): TINY, np.dtype(np.float64): TINY})
+    monkeypatch.setattr(_cuda, "FUSED_TILES", {np.dtype(np.float32): TINY_FUSED,
+                                               np.dtype(np.float64): TINY_FUSED})
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -163,15 +168,10 @@ def test_attention_weights_float32_softcap_and_window():
 def test_variants_on_the_gpu_float32_tiles(monkeypatch):
     # The real float32 tile shapes once: a window narrower than the 64-key tile, bottom-right,
     # over two query tiles, one partial.
-    monkeypatch.setattr(_cuda, "TILES", {np.dtype(np.float32): _cuda_real_tiles()})
+    monkeypatch.setattr(_cuda, "FUSED_TILES", _cuda.GPU_FUSED_TILES)
     rng = np.random.default_rng(8)
     q, k, v = qkv(rng, lead=(), L=70, S=90, E=8, Ev=8, dtype=np.float32)
     check_sdpa(q, k, v, is_causal=True, alignment="bottom_right", window=(20, 0), softcap=30.0)
-
-
-def _cuda_real_tiles():
-    return kernels.Tiles(block_q=64, block_k=64, rows_per_thread=4, threads_per_row=16, chunk=16,
-                         block_v=128)
 
 
 BAD_VARIANTS = [dict(window=(-1, 0)), dict(window=(1.5, 0)), dict(window=(True, 0)),

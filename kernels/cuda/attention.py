@@ -1,4 +1,5 @@
-"""Fused attention kernels for NVIDIA GPUs (``numba.cuda``), the CPU kernels' design on a GPU.
+"""The similarity and attention-weights kernels for NVIDIA GPUs (``numba.cuda``); the fused
+attention kernel is in kernels/cuda/fused.py.
 
 Operands are read in place whatever their strides. Each is a 1-d array over its memory plus a
 row layout: row ``i`` of head ``n`` starts at ``outer[n] + i * row_stride`` and steps by
@@ -27,8 +28,8 @@ from ._common import Tiles, _device
 
 @functools.lru_cache(maxsize=None)
 def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
-    """The ``similarity``, ``attention_weights`` and ``attention`` kernels for ``tiles``,
-    computing in ``compute`` (float32 or float64).
+    """The ``similarity`` and ``attention_weights`` kernels for ``tiles``, computing in
+    ``compute`` (float32 or float64).
 
     Indexing: shared and flat arrays are indexed with unsigned integers (``u``). A signed index
     makes Numba emit a negative-index wraparound select per access, which in the inner loops
@@ -298,102 +299,4 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
                             w = math.exp(s[r, c] - mx) * inv
                         out[n, i, j] = w
 
-    # --- fused attention --------------------------------------------------------------------------
-
-    @cuda.jit
-    def attention(q, q_outer, q_rs, q_cs, k, k_outer, k_rs, k_cs, v, v_outer, v_rs, v_cs,
-                  m, m_outer, m_rs, m_cs, mask_kind, N, L, S, E, Ev, scale, offset, left, right,
-                  softcap, alibi, use_alibi, cosine, out, lse):
-        """Flash-style attention: out (N, L, Ev) and lse (N, L), never storing the L x S scores.
-
-        One block per (head, query tile) along grid x, the longest causal tiles first, and per
-        BV output columns along grid y. It walks once the key tiles that some row of the block
-        can see (the window, causal folded in, bounds them on both sides; the variants are
-        runtime options: ``offset`` places query row i at key position i + offset, key j takes
-        part if p - left <= j <= p + right, ``softcap`` > 0 caps the scores, ``use_alibi`` adds
-        -alibi[n] * |p - j|),
-        keeping per row the running max, the running sum of exp(score - max) and the accumulator
-        sum(exp(score - max) * v) in registers.
-        """
-        sA = cuda.shared.array((CH, BQ1), ct)
-        sB = cuda.shared.array((CH, BK1), ct)
-        sP = cuda.shared.array((BQ, BK1), ct)
-        sV = cuda.shared.array((CH, BV), ct)
-        sRed = cuda.shared.array((BQ, TX1), ct)
-        s = cuda.local.array((TM, TN), ct)
-        acc = cuda.local.array((TM, TD), ct)
-        pr = cuda.local.array(TM, ct)
-        a_sq = cuda.local.array(TM, ct)
-        b_sq = cuda.local.array(TN, ct)
-        row_max = cuda.local.array(TM, ct)
-        row_sum = cuda.local.array(TM, ct)
-        alpha = cuda.local.array(TM, ct)
-        total = cuda.local.array(TM, ct)
-        m_row = cuda.local.array(TM, np.int64)
-        tid = u(cuda.threadIdx.x)
-        ty = tid // uTX
-        tx = tid % uTX
-        n_qtiles = (L + BQ - 1) // BQ
-        n = i64(cuda.blockIdx.x) % N
-        q0 = (n_qtiles - 1 - i64(cuda.blockIdx.x) // N) * BQ
-        c0 = i64(cuda.blockIdx.y) * BV
-        start_block(m_outer, m_rs, mask_kind, n, q0, L, m_row, row_max, row_sum, ty)
-        for r in range(TM):
-            for c in range(TD):
-                acc[r, c] = zero
-        q_base = q_outer[n]
-        k_base = k_outer[n]
-        v_base = v_outer[n]
-        opts = (offset, left, right, softcap, use_alibi)
-        slope = alibi[n] if use_alibi else zero
-        # only the key tiles inside the window (causal: up to the diagonal) of some row
-        k_start, k_end = key_range(q0, L, S, opts)
-        for j0 in range(k_start, k_end, BK):
-            # scores of the tile, then the online softmax
-            score_tile(q, q_base, q_rs, q_cs, L, k, k_base, k_rs, k_cs, S, E, q0, j0, cosine,
-                       sA, sB, s, a_sq, b_sq, tid, ty, tx)
-            finish_scores(s, a_sq, b_sq, cosine, scale, q0, j0, L, S, opts, slope, m, m_row,
-                          m_cs, mask_kind, ty, tx)
-            update_row_stats(s, row_max, row_sum, alpha, sRed, ty, tx)
-            # rescale the accumulator to the new max, then add weights @ values
-            for r in range(TM):
-                for c in range(TD):
-                    acc[r, c] *= alpha[r]
-                for c in range(TN):
-                    sP[ty + u(r * TY), tx + u(c * TX)] = s[r, c]
-            for kc in range(0, BK, CH):
-                idx = tid
-                while idx < uCHBV:
-                    j = j0 + kc + i64(idx // uBV)
-                    col = c0 + i64(idx % uBV)
-                    val = zero
-                    if j < S and col < Ev:
-                        val = ct(v[u(v_base + j * v_rs + col * v_cs)])
-                    sV[idx // uBV, idx % uBV] = val
-                    idx += uNT
-                cuda.syncthreads()  # (also publishes sP)
-                for jj in range(CH):
-                    for r in range(TM):
-                        pr[r] = sP[ty + u(r * TY), u(kc + jj)]
-                    for c in range(TD):
-                        val = sV[u(jj), tx + u(c * TX)]
-                        for r in range(TM):
-                            acc[r, c] += pr[r] * val
-                cuda.syncthreads()
-        # normalise; a row with no key taking part gives zeros and lse = log(0) = -inf
-        row_totals(row_sum, total, sRed, ty, tx)
-        for r in range(TM):
-            i = q0 + i64(ty) + r * TY
-            if i < L:
-                t_sum = total[r]
-                keep = t_sum > zero or t_sum != t_sum
-                inv = one / t_sum if keep else zero
-                for c in range(TD):
-                    col = c0 + i64(tx) + c * TX
-                    if col < Ev:
-                        out[n, i, col] = acc[r, c] * inv
-                if tx == u(0) and c0 == 0:
-                    lse[n, i] = row_max[r] + math.log(t_sum) if keep else neg_inf
-
-    return SimpleNamespace(similarity=similarity, attention_weights=attention_weights,
-                           attention=attention)
+    return SimpleNamespace(similarity=similarity, attention_weights=attention_weights)
