@@ -37,17 +37,16 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
     (Numba types uint64 op int64 as float64): convert with ``u(...)`` or ``i64(...)``.
     """
     tiles.check(np.dtype(compute).itemsize)
-    BQ, BK, TM, TX, CH, BV = tiles
+    BQ, BK, TM, TX, CH, _ = tiles
     TY = BQ // TM
     TN = BK // TX   # key columns per thread
-    TD = BV // TX   # output columns per thread
     NT = tiles.threads
     BQ1, BK1, TX1 = BQ + 1, BK + 1, TX + 1  # padded rows of shared arrays (fewer bank conflicts)
     ct = np.dtype(compute).type
     zero, one, neg_inf = ct(0), ct(1), ct(-np.inf)
     u, i64 = np.uint64, np.int64
-    uTX, uCH, uBV, uNT = u(TX), u(CH), u(BV), u(NT)
-    uBQCH, uBKCH, uCHBV = u(BQ * CH), u(BK * CH), u(CH * BV)
+    uTX, uCH, uNT = u(TX), u(CH), u(NT)
+    uBQCH, uBKCH = u(BQ * CH), u(BK * CH)
 
     # --- one tile of similarities ----------------------------------------------------------------
 
