@@ -1,22 +1,27 @@
 """The cuda backend on a real GPU: correctness at real sizes, then speed against PyTorch.
 
-    python bench/gpu_check.py              # an NVIDIA GPU, numba-cuda (and torch): < 5 minutes
+    python bench/gpu_check.py              # an NVIDIA GPU, numba-cuda (and torch): < 12 minutes
     python bench/gpu_check.py --quick      # L=S in {1024, 4096} only, fewer semantic checks
     python bench/gpu_check.py --sim-smoke  # tiny sizes in Numba's CUDA simulator, no GPU needed
-    python bench/gpu_check.py --tiles 64,64,4,16,16,128   # try other float32 tiles (see Tiles)
+    python bench/gpu_check.py --tiles 64,32,4,8,64,64,4   # other float32 fused tiles (FusedTiles)
 
 1. Semantic checks at moderate sizes with the real tiles, against ``fastattn.reference`` in
    float64: masks (bool, float with -inf, broadcast, fully masked rows), causal with L != S, GQA,
    Ev != E, cosine, float64, float16, attention_weights, softmax, similarity, strided PyTorch
-   tensors used in place. float32 may be at most twice as far from float64 as NumPy's float32.
+   tensors used in place, and the variants (bottom-right alignment, sliding windows on one and
+   both sides, softcap on large logits, ALiBi) with masks and GQA, D = 64, 128 and 256 (the
+   kernel that walks the features in panels). float32 may be at most twice as far from float64
+   as NumPy's float32.
 2. Speed: B=4, H=16, D in {64, 128}, L=S in {1024, 4096, 16384}, causal and not, float32, the
    cuda backend on PyTorch CUDA tensors against torch.nn.functional.scaled_dot_product_attention
    on the same tensors; GFLOP/s (4 * B * H * D * (query, key) pairs, causal pairs only) and the
-   share of the GPU's FP32 FMA peak. Each timed output is checked too: sampled rows of two heads
-   against the float64 reference, and all of it against PyTorch.
+   share of the GPU's FP32 FMA peak; PyTorch's bfloat16 SDPA (flash) for reference (fastattn has
+   no tensor-core path). Each timed output is checked too: sampled rows of two heads against the
+   float64 reference, and all of it against PyTorch.
 
 Prints Markdown for bench/RESULTS.md. Exit status: 0 all checks pass, 1 a check failed, 2 no GPU.
-Stays under its time budget (--budget, default 270 s) by skipping the largest remaining timings.
+Stays under its time budget (--budget, default 600 s: the kernels compile on first use, a few
+tens of seconds each) by skipping the largest remaining timings.
 """
 from __future__ import annotations
 
@@ -43,9 +48,9 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer checks")
     p.add_argument("--sim-smoke", action="store_true",
                    help="run end to end on tiny sizes in Numba's CUDA simulator")
-    p.add_argument("--tiles", help="float32 tiles: block_q,block_k,rows_per_thread,"
-                                   "threads_per_row,chunk,block_v")
-    p.add_argument("--budget", type=float, default=270.0, help="seconds before timings stop")
+    p.add_argument("--tiles", help="float32 fused-kernel tiles for E <= features: block_q,block_k,"
+                                   "rows_per_thread,threads_per_row,features,block_v,min_blocks")
+    p.add_argument("--budget", type=float, default=600.0, help="seconds before timings stop")
     p.add_argument("--peak-tflops", type=float, help="FP32 peak, if the table does not know it")
     return p.parse_args(argv)
 
@@ -89,7 +94,10 @@ def main(argv=None) -> int:
     from fastattn.kernels import cuda as kernels
 
     if args.tiles:
-        _cuda.TILES[np.dtype(np.float32)] = kernels.Tiles(*map(int, args.tiles.split(","))).check()
+        tiles = kernels.FusedTiles(*map(int, args.tiles.split(","))).check()
+        _cuda.FUSED_TILES[np.dtype(np.float32)] = (
+            tiles, *(t for t in _cuda.FUSED_TILES[np.dtype(np.float32)]
+                     if t.features > tiles.features))
     torch = None
     if not args.sim_smoke:
         try:
@@ -102,8 +110,8 @@ def main(argv=None) -> int:
     device, peak = describe_device(cuda, args)
     print(f"# fastattn cuda backend on {device}\n")
     print(f"fastattn {fastattn.__version__}, numba-cuda {package_version('numba-cuda')}, torch "
-          f"{torch.__version__ if torch else 'not used'}; float32 tiles "
-          f"{_cuda.TILES[np.dtype(np.float32)]}; FP32 peak "
+          f"{torch.__version__ if torch else 'not used'}; float32 fused-kernel tiles "
+          f"{_cuda.FUSED_TILES[np.dtype(np.float32)]}; FP32 peak "
           f"{f'{peak / 1e12:.1f} TFLOP/s' if peak else 'unknown'}\n")
 
     rng = np.random.default_rng(0)
@@ -120,18 +128,19 @@ def main(argv=None) -> int:
         B, H, Ds = 4, 16, (64, 128)
         Ls = (1024, 4096) if args.quick else (1024, 4096, 16384)
     print("| D | L=S | causal | fastattn ms | GFLOP/s | % FP32 peak | torch ms | torch GFLOP/s "
-          "| fastattn / torch speed | max err vs float64 (budget) | max diff vs torch |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| fastattn / torch speed | torch bf16 ms | max err vs float64 (budget) "
+          "| max diff vs torch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     slowest_rate = None  # the lowest FLOP/s measured so far, to foresee the next config's time
     for L in Ls:
         for D in Ds:
             for causal in (False, True):
                 flops = 4 * B * H * D * (L * (L + 1) // 2 if causal else L * L)
-                # about 3 timed calls of ours and 3 of torch's, at worst at our slowest rate
-                foreseen = 6 * flops / slowest_rate if slowest_rate else 0.0
+                # about 3 timed calls each of ours, torch float32 and bf16, at our slowest rate
+                foreseen = 9 * flops / slowest_rate if slowest_rate else 0.0
                 if time.perf_counter() - start + foreseen > args.budget:
                     print(f"| {D} | {L} | {causal} | skipped: would pass the {args.budget:.0f} s "
-                          f"budget | | | | | | | |")
+                          f"budget | | | | | | | | |")
                     continue
                 rate = time_one(checks, fastattn, reference, cuda, torch, rng, B, H, L, D,
                                 causal, flops, peak)
@@ -244,6 +253,8 @@ def semantic_checks(checks, fastattn, reference, cuda, torch, rng, small, quick)
                                         f"lse ok: {lse_ok}")
     checks.run("sdpa float32: bool mask (B,1,L,S) with fully masked rows, D=128", case_b)
 
+    variant_checks(checks, f, r, dev, normal, rng, small)
+
     if quick:
         return
 
@@ -311,6 +322,61 @@ def semantic_checks(checks, fastattn, reference, cuda, torch, rng, small, quick)
         checks.run("sdpa on strided PyTorch CUDA tensors, in place", case_torch_strided)
 
 
+def variant_checks(checks, f, r, dev, normal, rng, small):
+    """The variants at real sizes (float32), out and lse against the float64 reference."""
+    B, Hq, Hkv = (1, 4, 2) if small else (1, 8, 2)
+    sizes = [(13, 21, 8), (21, 13, 8)] if small else [(1000, 1500, 64), (1100, 700, 128),
+                                                      (300, 400, 256)]
+    slopes_hq = np.geomspace(0.5, 0.01, Hq)
+    cases = [
+        ("bottom-right causal", dict(is_causal=True, alignment="bottom_right")),
+        ("window (W, 0) causal", dict(is_causal=True, window=(5 if small else 255, 0))),
+        ("window (W, W') bottom-right", dict(window=(3 if small else 100, 2 if small else 40),
+                                             alignment="bottom_right")),
+        ("window (None, W)", dict(window=(None, 4 if small else 129))),
+        ("softcap 30, q x 10, causal", dict(softcap=30.0, is_causal=True, q_times=10.0)),
+        ("ALiBi (Hq,) causal bottom-right", dict(alibi_slopes=slopes_hq, is_causal=True,
+                                                 alignment="bottom_right")),
+        ("ALiBi (B, Hq) + softcap 50 + window", dict(
+            alibi_slopes=rng.uniform(0.01, 0.5, (B, Hq)), softcap=50.0, window=(7, 7))),
+    ]
+    for L, S, D in sizes:
+        for label, kw in cases:
+            kw = dict(kw)
+            q_times = kw.pop("q_times", 1.0)
+
+            def case(record, L=L, S=S, D=D, kw=kw, q_times=q_times):
+                q = normal(B, Hq, L, D) * np.float32(q_times)
+                k, v = normal(B, Hkv, S, D), normal(B, Hkv, S, D)
+                mask = normal(Hq, 1, S)
+                mask[rng.random(mask.shape) < 0.1] = -np.inf
+                out, lse = f.scaled_dot_product_attention(dev(q), dev(k), dev(v), dev(mask),
+                                                          enable_gqa=True, return_lse=True, **kw)
+                q64, k64, v64, m64 = (a.astype(np.float64) for a in (q, k, v, mask))
+                exact, exact_lse = r.scaled_dot_product_attention(
+                    q64, k64, v64, m64, enable_gqa=True, return_lse=True, **kw)
+                plain, plain_lse = r.scaled_dot_product_attention(
+                    q, k, v, mask, enable_gqa=True, return_lse=True, **kw)
+                out, lse = host(out), host(lse)
+                finite = np.isfinite(exact_lse)
+                same_inf = bool(np.array_equal(np.isfinite(lse), finite))
+                ok1, d1 = err32(out, exact, plain)
+                ok2, d2 = err32(lse[finite], exact_lse[finite], plain_lse[finite])
+                record(ok1 and ok2 and same_inf, f"out: {d1}; lse: {d2}; empty rows match: "
+                                                 f"{same_inf}")
+            checks.run(f"sdpa float32 L={L} S={S} D={D}: {label}, float mask, GQA", case)
+
+    def case_weights(record):
+        L, S, D = (9, 14, 8) if small else (500, 800, 64)
+        q, k = normal(1, 4, L, D) * np.float32(10), normal(1, 4, S, D)
+        kw = dict(window=(20, 3), alignment="bottom_right", softcap=30.0,
+                  alibi_slopes=slopes_hq if Hq == 4 else np.geomspace(0.5, 0.01, 4))
+        w = host(f.attention_weights(dev(q), dev(k), **kw))
+        exact = r.attention_weights(q.astype(np.float64), k.astype(np.float64), **kw)
+        record(*err32(w, exact, r.attention_weights(q, k, **kw)))
+    checks.run("attention_weights float32: window, bottom-right, softcap, ALiBi", case_weights)
+
+
 def time_one(checks, fastattn, reference, cuda, torch, rng, B, H, L, D, causal, flops, peak):
     """Time and check one configuration; return our FLOP/s (None if it failed)."""
     name = f"sdpa float32 B={B} H={H} L=S={L} D={D} causal={causal}"
@@ -335,11 +401,15 @@ def time_one(checks, fastattn, reference, cuda, torch, rng, B, H, L, D, causal, 
                                                                         is_causal=causal)
             want = theirs()
             t_torch = median_time(theirs, cuda)
+            qb, kb, vb = (x.to(torch.bfloat16) for x in (q, k, v))
+            t_bf16 = median_time(lambda: torch.nn.functional.scaled_dot_product_attention(
+                qb, kb, vb, is_causal=causal), cuda)
+            del qb, kb, vb
             diff_torch = f"{float((torch.as_tensor(out, device='cuda') - want).abs().max()):.1e}"
             row += [f"{t_torch * 1e3:.2f}", f"{flops / t_torch / 1e9:.0f}",
-                    f"{t_torch / t_ours:.2f}x"]
+                    f"{t_torch / t_ours:.2f}x", f"{t_bf16 * 1e3:.2f}"]
         else:
-            row += ["n/a", "n/a", "n/a"]
+            row += ["n/a", "n/a", "n/a", "n/a"]
         ok, detail = check_rows(reference, q, k, v, out, lse, causal, torch, rng)
         row += [("" if ok else "**FAIL** ") + detail, diff_torch]
         print("| " + " | ".join(row) + " |", flush=True)

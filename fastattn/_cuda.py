@@ -19,25 +19,47 @@ import numpy as np
 from numba import cuda
 
 from . import _backends, _prepare
-from ._prepare import NO_LIMIT
 from .kernels import cuda as kernels  # importing compiles nothing
 
 _SIMULATOR = kernels._SIMULATOR
 
-# Tile shapes per compute dtype (see kernels/cuda.py). float32: 256 threads, each owning 4 query
-# rows x 4 keys of a 64 x 64 tile and 4 rows x block_v/16 output columns; 37 KiB of shared memory.
-# float64 halves the tile to stay under 48 KiB. The tests swap in tiny ones.
+# Tile shapes per compute dtype (see kernels/cuda/attention.py) of the similarity and attention
+# weights kernels. float32: 256 threads, each owning 4 query rows x 4 keys of a 64 x 64 tile; 37
+# KiB of shared memory. float64 halves the tile to stay under 48 KiB. The tests swap in tiny ones.
 TILES = {
     np.dtype(np.float32): kernels.Tiles(block_q=64, block_k=64, rows_per_thread=4,
                                         threads_per_row=16, chunk=16, block_v=128),
     np.dtype(np.float64): kernels.Tiles(block_q=32, block_k=32, rows_per_thread=2,
                                         threads_per_row=16, chunk=8, block_v=128),
 }
+# The fused attention kernel's tiles (kernels/cuda/fused.py) per compute dtype: the first that
+# keeps E features is used (past the last, the first ones walk E in panels).
+# float32, E <= 64: 128 threads, 4 rows x 4 keys of scores and 4 rows x 8 output columns per
+# thread, the 64-row query tile resident, 35 KiB of shared memory, registers capped for 4 blocks
+# (16 warps) per SM. E <= 128: 32-row query tiles (the resident tile stays under 48 KiB), 2 rows
+# x 4 keys and 2 rows x 16 columns per thread, 2 blocks per SM (capped for 3 or 4, the compiler
+# spills: 232 bytes at 128 registers, 48 at 168).
+GPU_FUSED_TILES = {
+    np.dtype(np.float32): (
+        kernels.FusedTiles(block_q=64, block_k=32, rows_per_thread=4, threads_per_row=8,
+                           features=64, block_v=64, min_blocks=4),
+        kernels.FusedTiles(block_q=32, block_k=32, rows_per_thread=2, threads_per_row=8,
+                           features=128, block_v=128, min_blocks=2),
+    ),
+    np.dtype(np.float64): (
+        kernels.FusedTiles(block_q=32, block_k=16, rows_per_thread=2, threads_per_row=4,
+                           features=64, block_v=64, min_blocks=2),
+    ),
+}
+FUSED_TILES = GPU_FUSED_TILES
 SOFTMAX_TILES = kernels.RowTiles(rows_per_block=8, threads_per_row=32)
 if _SIMULATOR:
     # Simulated threads are Python threads: small blocks keep simulated runs quick.
     TILES = {dtype: kernels.Tiles(block_q=8, block_k=8, rows_per_thread=2, threads_per_row=4,
                                   chunk=4, block_v=16) for dtype in TILES}
+    FUSED_TILES = {dtype: (kernels.FusedTiles(block_q=8, block_k=8, rows_per_thread=2,
+                                              threads_per_row=4, features=8, block_v=16),)
+                   for dtype in FUSED_TILES}
     SOFTMAX_TILES = kernels.RowTiles(rows_per_block=2, threads_per_row=4)
 
 
@@ -45,10 +67,27 @@ def _tiles(dtype: np.dtype, Ev: int) -> kernels.Tiles:
     """The tiles for ``dtype``, with block_v cut to the smallest power-of-two multiple of
     threads_per_row that covers Ev (no wasted columns for Ev = 64 under block_v = 128)."""
     t = TILES[np.dtype(dtype)]
-    bv = t.threads_per_row
-    while bv < Ev and bv < t.block_v:
+    return t._replace(block_v=_block_v(t.threads_per_row, t.block_v, Ev))
+
+
+def _block_v(threads_per_row: int, block_v: int, Ev: int) -> int:
+    bv = threads_per_row
+    while bv < Ev and bv < block_v:
         bv *= 2
-    return t._replace(block_v=min(bv, t.block_v))
+    return min(bv, block_v)
+
+
+def _fused_tiles(dtype: np.dtype, E: int, Ev: int) -> kernels.FusedTiles:
+    """The fused kernel's tiles for E features, block_v cut as in ``_tiles`` but kept a whole
+    number of staged elements per thread."""
+    choices = FUSED_TILES[np.dtype(dtype)]
+    t = next((t for t in choices if E <= t.features), None)
+    if t is None:  # more features than any tile keeps: the first tiles walk them in panels
+        t = choices[0]._replace(resident=False, min_blocks=1)
+    bv = _block_v(t.threads_per_row, t.block_v, Ev)
+    while (t.block_k * bv) % t.threads:
+        bv *= 2
+    return t._replace(block_v=bv)
 
 
 # --- operands: device memory + row layouts -------------------------------------------------------
@@ -247,13 +286,30 @@ def _attention_operands(a: _prepare.AttentionArgs):
     return args
 
 
-def _check_supported(a: _prepare.AttentionArgs):
-    v = a.variants  # (the variants issue brings them to this backend)
-    top_left_causal = a.causal and v.right == 0 and v.offset == 0
-    if v.softcap or v.alibi is not None or v.left < NO_LIMIT or (
-            v.right < NO_LIMIT and not top_left_causal):
-        raise NotImplementedError("backend 'cuda' does not compute window, softcap, "
-                                  "alibi_slopes or bottom_right yet; use backend='numpy'")
+def _variant_args(a: _prepare.AttentionArgs):
+    """(offset, left, right, softcap, alibi slopes, use_alibi) as the kernels take them. Window
+    sides past any position (|p(i)| <= L + S) are clamped to L + S, so that p(i) - left and
+    p(i) + right stay small integers."""
+    v = a.variants
+    far = a.L + a.S
+    ct = a.dtype.type
+    alibi = v.alibi if v.alibi is not None else np.zeros(1, a.dtype)
+    return (v.offset, min(v.left, far), min(v.right, far), ct(v.softcap),
+            cuda.to_device(np.ascontiguousarray(alibi, a.dtype)), v.alibi is not None)
+
+
+def _check_offsets_fit(a: _prepare.AttentionArgs, tiles):
+    """The fused kernel stages tiles with 32-bit offsets from a 64-bit tile base: a tile's span
+    (rows x row stride + columns x column stride) must stay under 2**31 elements."""
+    rows = max(tiles.block_q, tiles.block_k)
+    cols = max(tiles.features, tiles.block_v)
+    for name, x in (("query", a.query), ("key", a.key), ("value", a.value)):
+        item = np.dtype(x.dtype).itemsize
+        span = rows * abs(x.strides[-2] // item) + cols * abs(x.strides[-1] // item)
+        if span >= 2 ** 31:
+            raise ValueError(f"{name} of shape {tuple(x.shape)} has strides {tuple(x.strides)} "
+                             f"too large for the cuda backend (a tile must span under 2**31 "
+                             f"elements); make it contiguous")
 
 
 def attention_weights(query, key, attn_mask, is_causal, scale, enable_gqa, *, similarity="dot",
@@ -262,7 +318,6 @@ def attention_weights(query, key, attn_mask, is_causal, scale, enable_gqa, *, si
     a = _prepare.check_attention(_as_device_array(query), _as_device_array(key), None,
                                  _as_device_array(attn_mask), is_causal, scale, enable_gqa,
                                  similarity, need_value=False, **variants)
-    _check_supported(a)
     out = cuda.device_array((a.N, a.L, a.S), a.in_dtype)
     if out.size:
         tiles = _tiles(a.dtype, 0)
@@ -270,7 +325,7 @@ def attention_weights(query, key, attn_mask, is_causal, scale, enable_gqa, *, si
         grid = a.N * -(-a.L // tiles.block_q)
         kernel[grid, tiles.threads](
             *_attention_operands(a), *_mask_args(a.mask, a.weights_shape), a.N, a.L, a.S, a.E,
-            a.dtype.type(a.scale), a.causal, a.similarity == "cosine", out)
+            a.dtype.type(a.scale), *_variant_args(a), a.similarity == "cosine", out)
     return _result(out.reshape(a.weights_shape), on_device)
 
 
@@ -280,16 +335,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask, is_causal, scale,
     a = _prepare.check_attention(_as_device_array(query), _as_device_array(key),
                                  _as_device_array(value), _as_device_array(attn_mask), is_causal,
                                  scale, enable_gqa, similarity, **variants)
-    _check_supported(a)
     out = cuda.device_array((a.N, a.L, a.Ev), a.in_dtype)
     lse = cuda.device_array((a.N, a.L), a.dtype)
     if a.N * a.L:
-        tiles = _tiles(a.dtype, a.Ev)
-        kernel = kernels.attention_kernels(tiles, a.dtype).attention
+        tiles = _fused_tiles(a.dtype, a.E, a.Ev)
+        kernel = kernels.fused_attention_kernel(tiles, a.dtype)
+        _check_offsets_fit(a, tiles)
         grid = (a.N * -(-a.L // tiles.block_q), max(1, -(-a.Ev // tiles.block_v)))
         kernel[grid, tiles.threads](
             *_attention_operands(a), *_mask_args(a.mask, a.weights_shape), a.N, a.L, a.S, a.E,
-            a.Ev, a.dtype.type(a.scale), a.causal, a.similarity == "cosine", out, lse)
+            a.Ev, a.dtype.type(a.scale), *_variant_args(a), a.similarity == "cosine", out, lse)
     out = _result(out.reshape((*a.lead, a.L, a.Ev)), on_device)
     if not return_lse:
         return out

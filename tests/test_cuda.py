@@ -30,6 +30,9 @@ from fastattn.kernels import cuda as kernels  # noqa: E402
 
 TINY = kernels.Tiles(block_q=4, block_k=4, rows_per_thread=2, threads_per_row=2, chunk=2,
                      block_v=4)
+# 4 threads; E > 4 walks the features in panels, E <= 4 keeps the query tile resident
+TINY_FUSED = (kernels.FusedTiles(block_q=4, block_k=4, rows_per_thread=2, threads_per_row=2,
+                                 features=4, block_v=4),)
 TINY_ROWS = kernels.RowTiles(rows_per_block=2, threads_per_row=2)
 F64 = dict(rtol=1e-10, atol=1e-10)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +41,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(autouse=True)
 def tiny_tiles(monkeypatch):
     monkeypatch.setattr(_cuda, "TILES", {np.dtype(np.float32): TINY, np.dtype(np.float64): TINY})
+    monkeypatch.setattr(_cuda, "FUSED_TILES", {np.dtype(np.float32): TINY_FUSED,
+                                               np.dtype(np.float64): TINY_FUSED})
     monkeypatch.setattr(_cuda, "SOFTMAX_TILES", TINY_ROWS)
 
 
@@ -357,9 +362,8 @@ def test_bad_input_gives_the_same_error_as_the_numpy_backend(call):
 # --- the tiles the GPU runs, and laziness ---------------------------------------------------------
 
 def test_sdpa_with_the_gpu_float32_tiles(monkeypatch):
-    # The real tile shapes (256 threads per block), once: two query tiles, one partial.
-    monkeypatch.setattr(_cuda, "TILES", {np.dtype(np.float32): kernels.Tiles(
-        block_q=64, block_k=64, rows_per_thread=4, threads_per_row=16, chunk=16, block_v=128)})
+    # The real tile shapes (128 threads per block), once: two query tiles, one partial.
+    monkeypatch.setattr(_cuda, "FUSED_TILES", _cuda.GPU_FUSED_TILES)
     rng = np.random.default_rng(21)
     q, k, v = qkv(rng, lead=(), L=70, S=70, E=20, Ev=20, dtype=np.float32)
     out, lse, ref_out, ref_lse = sdpa_both(q, k, v, is_causal=True)

@@ -1,7 +1,8 @@
 """The CUDA kernels (``numba.cuda``), one module per kernel family.
 
-- ``attention``: ``attention_kernels(tiles, dtype)``, the fused attention, attention-weights and
-  similarity kernels for one tile shape;
+- ``attention``: ``attention_kernels(tiles, dtype)``, the attention-weights and similarity
+  kernels for one tile shape;
+- ``fused``: ``fused_attention_kernel(tiles, dtype)``, the fused attention kernel (``FusedTiles``);
 - ``softmax``: ``softmax_kernel(tiles, dtype)``;
 - ``_common``: the tile shapes (``Tiles``, ``RowTiles``) and the device-function decorator.
 
@@ -9,6 +10,8 @@ Importing compiles nothing: the factories build (and cache) kernels, which compi
 """
 from ._common import _SIMULATOR, RowTiles, Tiles
 from .attention import attention_kernels
+from .fused import FusedTiles, fused_attention_kernel
 from .softmax import softmax_kernel
 
-__all__ = ["Tiles", "RowTiles", "attention_kernels", "softmax_kernel"]
+__all__ = ["Tiles", "RowTiles", "FusedTiles", "attention_kernels", "fused_attention_kernel",
+           "softmax_kernel"]

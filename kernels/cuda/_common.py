@@ -11,7 +11,7 @@ except ImportError:  # pragma: no cover - older numba-cuda
 
 
 class Tiles(NamedTuple):
-    """Compile-time tile shapes of the attention and similarity kernels."""
+    """Compile-time tile shapes of the similarity and attention-weights kernels."""
     block_q: int          # query rows per thread block
     block_k: int          # keys per step of the key loop
     rows_per_thread: int  # query rows each thread owns
@@ -24,7 +24,7 @@ class Tiles(NamedTuple):
         return self.block_q // self.rows_per_thread * self.threads_per_row
 
     def shared_bytes(self, itemsize: int) -> int:
-        """Static shared memory of the attention kernel (the largest)."""
+        """Static shared memory of these kernels (a bound: what the former fused kernel used)."""
         BQ, BK, _, TX, CH, BV = self
         return itemsize * (CH * (BQ + 1) + CH * (BK + 1) + BQ * (BK + 1) + CH * BV + BQ * (TX + 1))
 

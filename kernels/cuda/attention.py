@@ -1,4 +1,5 @@
-"""Fused attention kernels for NVIDIA GPUs (``numba.cuda``), the CPU kernels' design on a GPU.
+"""The similarity and attention-weights kernels for NVIDIA GPUs (``numba.cuda``); the fused
+attention kernel is in kernels/cuda/fused.py.
 
 Operands are read in place whatever their strides. Each is a 1-d array over its memory plus a
 row layout: row ``i`` of head ``n`` starts at ``outer[n] + i * row_stride`` and steps by
@@ -27,8 +28,8 @@ from ._common import Tiles, _device
 
 @functools.lru_cache(maxsize=None)
 def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
-    """The ``similarity``, ``attention_weights`` and ``attention`` kernels for ``tiles``,
-    computing in ``compute`` (float32 or float64).
+    """The ``similarity`` and ``attention_weights`` kernels for ``tiles``, computing in
+    ``compute`` (float32 or float64).
 
     Indexing: shared and flat arrays are indexed with unsigned integers (``u``). A signed index
     makes Numba emit a negative-index wraparound select per access, which in the inner loops
@@ -36,17 +37,16 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
     (Numba types uint64 op int64 as float64): convert with ``u(...)`` or ``i64(...)``.
     """
     tiles.check(np.dtype(compute).itemsize)
-    BQ, BK, TM, TX, CH, BV = tiles
+    BQ, BK, TM, TX, CH, _ = tiles
     TY = BQ // TM
     TN = BK // TX   # key columns per thread
-    TD = BV // TX   # output columns per thread
     NT = tiles.threads
     BQ1, BK1, TX1 = BQ + 1, BK + 1, TX + 1  # padded rows of shared arrays (fewer bank conflicts)
     ct = np.dtype(compute).type
     zero, one, neg_inf = ct(0), ct(1), ct(-np.inf)
     u, i64 = np.uint64, np.int64
-    uTX, uCH, uBV, uNT = u(TX), u(CH), u(BV), u(NT)
-    uBQCH, uBKCH, uCHBV = u(BQ * CH), u(BK * CH), u(CH * BV)
+    uTX, uCH, uNT = u(TX), u(CH), u(NT)
+    uBQCH, uBKCH = u(BQ * CH), u(BK * CH)
 
     # --- one tile of similarities ----------------------------------------------------------------
 
@@ -99,10 +99,12 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
             cuda.syncthreads()
 
     @_device
-    def finish_scores(s, a_sq, b_sq, cosine, scale, i0, j0, La, Lb, causal, m, m_row, m_cs,
+    def finish_scores(s, a_sq, b_sq, cosine, scale, i0, j0, La, Lb, opts, slope, m, m_row, m_cs,
                       mask_kind, ty, tx):
-        """Scores from similarities: cosine, scale, then -inf past the ends, after the query
-        (causal, top-left) and where a bool mask is False; a float mask is added."""
+        """Scores from similarities in the variants' order: cosine, scale, softcap, then -inf
+        past the ends, outside the window (causal folded in) and where a bool mask is False (a
+        float mask is added), then the ALiBi bias -slope * |p(i) - j|."""
+        offset, left, right, softcap, use_alibi = opts
         b_inv = cuda.local.array(TN, ct)
         for c in range(TN):
             b_inv[c] = one
@@ -110,6 +112,7 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
                 b_inv[c] = one / math.sqrt(b_sq[c]) if b_sq[c] > zero else zero
         for r in range(TM):
             i = i0 + i64(ty) + r * TY
+            p = i + offset  # the row's position among the keys
             a_inv = one
             if cosine:
                 a_inv = one / math.sqrt(a_sq[r]) if a_sq[r] > zero else zero
@@ -119,14 +122,29 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
                 if cosine:
                     x = x * (a_inv * b_inv[c])
                 x = x * scale
-                if i >= La or j >= Lb or (causal and j > i):
+                if softcap > zero:
+                    x = softcap * math.tanh(x / softcap)
+                if i >= La or j >= Lb or j < p - left or j > p + right:
                     x = neg_inf
                 elif mask_kind == 1:  # (compared as compute floats: NVVM has no float16 compare)
                     if ct(m[u(m_row[r] + j * m_cs)]) == zero:
                         x = neg_inf
                 elif mask_kind == 2:
                     x = x + ct(m[u(m_row[r] + j * m_cs)])
+                if use_alibi:
+                    x = x - slope * ct(abs(p - j))
                 s[r, c] = x
+
+    @_device
+    def key_range(q0, L, S, opts):
+        """[start, end): the key tiles that some row of the query block q0 can see (start a tile
+        boundary); tiles wholly outside the window on either side are never visited."""
+        offset, left, right = opts[0], opts[1], opts[2]
+        p_first = q0 + offset
+        p_last = min(q0 + BQ, L) - 1 + offset
+        start = max(i64(0), p_first - left) // BK * BK
+        end = min(S, p_last + right + 1)
+        return start, end
 
     @_device
     def update_row_stats(s, row_max, row_sum, alpha, sRed, ty, tx):
@@ -205,8 +223,9 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
         j0 = i64(cuda.blockIdx.y) * BK
         score_tile(a, a_outer[n], a_rs, a_cs, La, b, b_outer[n], b_rs, b_cs, Lb, E, i0, j0,
                    cosine, sA, sB, s, a_sq, b_sq, tid, ty, tx)
-        finish_scores(s, a_sq, b_sq, cosine, scale, i0, j0, La, Lb, False, a_outer, no_rows, 0,
-                      0, ty, tx)
+        everything = (i64(0), La + Lb, La + Lb, zero, False)  # no window, softcap or ALiBi
+        finish_scores(s, a_sq, b_sq, cosine, scale, i0, j0, La, Lb, everything, zero, a_outer,
+                      no_rows, 0, 0, ty, tx)
         for r in range(TM):
             i = i0 + i64(ty) + r * TY
             for c in range(TN):
@@ -218,7 +237,8 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
 
     @cuda.jit
     def attention_weights(q, q_outer, q_rs, q_cs, k, k_outer, k_rs, k_cs, m, m_outer, m_rs, m_cs,
-                          mask_kind, N, L, S, E, scale, causal, cosine, out):
+                          mask_kind, N, L, S, E, scale, offset, left, right, softcap, alibi,
+                          use_alibi, cosine, out):
         """softmax(scale * q k^T + mask) into out (N, L, S): one pass for each row's max and
         sum, one that writes exp(score - max) / sum. Grid: N * query tiles."""
         sA = cuda.shared.array((CH, BQ1), ct)
@@ -241,26 +261,29 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
         start_block(m_outer, m_rs, mask_kind, n, q0, L, m_row, row_max, row_sum, ty)
         q_base = q_outer[n]
         k_base = k_outer[n]
-        k_end = min(S, q0 + BQ) if causal else S
+        opts = (offset, left, right, softcap, use_alibi)
+        slope = alibi[n] if use_alibi else zero
+        k_start, k_end = key_range(q0, L, S, opts)
         # pass 1: the max and the sum of exp(score - max) of each row
-        for j0 in range(0, k_end, BK):
+        for j0 in range(k_start, k_end, BK):
             score_tile(q, q_base, q_rs, q_cs, L, k, k_base, k_rs, k_cs, S, E, q0, j0, cosine,
                        sA, sB, s, a_sq, b_sq, tid, ty, tx)
-            finish_scores(s, a_sq, b_sq, cosine, scale, q0, j0, L, S, causal, m, m_row, m_cs,
-                          mask_kind, ty, tx)
+            finish_scores(s, a_sq, b_sq, cosine, scale, q0, j0, L, S, opts, slope, m, m_row,
+                          m_cs, mask_kind, ty, tx)
             update_row_stats(s, row_max, row_sum, alpha, sRed, ty, tx)
         row_totals(row_sum, total, sRed, ty, tx)
         for r in range(TM):
             # 1/total, NaN for a row with a NaN, 0 for a row with no key (its weights are 0)
             t_sum = total[r]
             total[r] = one / t_sum if t_sum > zero or t_sum != t_sum else zero
-        # pass 2: the weights (keys past the causal limit of the block are 0)
+        # pass 2: the weights (tiles outside the block's key range are 0)
         for j0 in range(0, S, BK):
-            if j0 < k_end:  # the same for every thread of the block: syncthreads is safe
+            seen = k_start <= j0 and j0 < k_end
+            if seen:  # the same for every thread of the block: syncthreads is safe
                 score_tile(q, q_base, q_rs, q_cs, L, k, k_base, k_rs, k_cs, S, E, q0, j0,
                            cosine, sA, sB, s, a_sq, b_sq, tid, ty, tx)
-                finish_scores(s, a_sq, b_sq, cosine, scale, q0, j0, L, S, causal, m, m_row,
-                              m_cs, mask_kind, ty, tx)
+                finish_scores(s, a_sq, b_sq, cosine, scale, q0, j0, L, S, opts, slope, m,
+                              m_row, m_cs, mask_kind, ty, tx)
             for r in range(TM):
                 i = q0 + i64(ty) + r * TY
                 inv = total[r]
@@ -271,100 +294,8 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
                         w = zero
                         if inv != inv:
                             w = inv
-                        elif j0 < k_end and mx != neg_inf:
+                        elif seen and mx != neg_inf:
                             w = math.exp(s[r, c] - mx) * inv
                         out[n, i, j] = w
 
-    # --- fused attention --------------------------------------------------------------------------
-
-    @cuda.jit
-    def attention(q, q_outer, q_rs, q_cs, k, k_outer, k_rs, k_cs, v, v_outer, v_rs, v_cs,
-                  m, m_outer, m_rs, m_cs, mask_kind, N, L, S, E, Ev, scale, causal, cosine,
-                  out, lse):
-        """Flash-style attention: out (N, L, Ev) and lse (N, L), never storing the L x S scores.
-
-        One block per (head, query tile) along grid x, the longest causal tiles first, and per
-        BV output columns along grid y. It walks the key tiles once (causal: up to the diagonal),
-        keeping per row the running max, the running sum of exp(score - max) and the accumulator
-        sum(exp(score - max) * v) in registers.
-        """
-        sA = cuda.shared.array((CH, BQ1), ct)
-        sB = cuda.shared.array((CH, BK1), ct)
-        sP = cuda.shared.array((BQ, BK1), ct)
-        sV = cuda.shared.array((CH, BV), ct)
-        sRed = cuda.shared.array((BQ, TX1), ct)
-        s = cuda.local.array((TM, TN), ct)
-        acc = cuda.local.array((TM, TD), ct)
-        pr = cuda.local.array(TM, ct)
-        a_sq = cuda.local.array(TM, ct)
-        b_sq = cuda.local.array(TN, ct)
-        row_max = cuda.local.array(TM, ct)
-        row_sum = cuda.local.array(TM, ct)
-        alpha = cuda.local.array(TM, ct)
-        total = cuda.local.array(TM, ct)
-        m_row = cuda.local.array(TM, np.int64)
-        tid = u(cuda.threadIdx.x)
-        ty = tid // uTX
-        tx = tid % uTX
-        n_qtiles = (L + BQ - 1) // BQ
-        n = i64(cuda.blockIdx.x) % N
-        q0 = (n_qtiles - 1 - i64(cuda.blockIdx.x) // N) * BQ
-        c0 = i64(cuda.blockIdx.y) * BV
-        start_block(m_outer, m_rs, mask_kind, n, q0, L, m_row, row_max, row_sum, ty)
-        for r in range(TM):
-            for c in range(TD):
-                acc[r, c] = zero
-        q_base = q_outer[n]
-        k_base = k_outer[n]
-        v_base = v_outer[n]
-        # top-left causal: query i sees keys j <= i, so tiles past the block's last row are skipped
-        k_end = min(S, q0 + BQ) if causal else S
-        for j0 in range(0, k_end, BK):
-            # scores of the tile, then the online softmax
-            score_tile(q, q_base, q_rs, q_cs, L, k, k_base, k_rs, k_cs, S, E, q0, j0, cosine,
-                       sA, sB, s, a_sq, b_sq, tid, ty, tx)
-            finish_scores(s, a_sq, b_sq, cosine, scale, q0, j0, L, S, causal, m, m_row, m_cs,
-                          mask_kind, ty, tx)
-            update_row_stats(s, row_max, row_sum, alpha, sRed, ty, tx)
-            # rescale the accumulator to the new max, then add weights @ values
-            for r in range(TM):
-                for c in range(TD):
-                    acc[r, c] *= alpha[r]
-                for c in range(TN):
-                    sP[ty + u(r * TY), tx + u(c * TX)] = s[r, c]
-            for kc in range(0, BK, CH):
-                idx = tid
-                while idx < uCHBV:
-                    j = j0 + kc + i64(idx // uBV)
-                    col = c0 + i64(idx % uBV)
-                    val = zero
-                    if j < S and col < Ev:
-                        val = ct(v[u(v_base + j * v_rs + col * v_cs)])
-                    sV[idx // uBV, idx % uBV] = val
-                    idx += uNT
-                cuda.syncthreads()  # (also publishes sP)
-                for jj in range(CH):
-                    for r in range(TM):
-                        pr[r] = sP[ty + u(r * TY), u(kc + jj)]
-                    for c in range(TD):
-                        val = sV[u(jj), tx + u(c * TX)]
-                        for r in range(TM):
-                            acc[r, c] += pr[r] * val
-                cuda.syncthreads()
-        # normalise; a row with no key taking part gives zeros and lse = log(0) = -inf
-        row_totals(row_sum, total, sRed, ty, tx)
-        for r in range(TM):
-            i = q0 + i64(ty) + r * TY
-            if i < L:
-                t_sum = total[r]
-                keep = t_sum > zero or t_sum != t_sum
-                inv = one / t_sum if keep else zero
-                for c in range(TD):
-                    col = c0 + i64(tx) + c * TX
-                    if col < Ev:
-                        out[n, i, col] = acc[r, c] * inv
-                if tx == u(0) and c0 == 0:
-                    lse[n, i] = row_max[r] + math.log(t_sum) if keep else neg_inf
-
-    return SimpleNamespace(similarity=similarity, attention_weights=attention_weights,
-                           attention=attention)
+    return SimpleNamespace(similarity=similarity, attention_weights=attention_weights)
