@@ -5,7 +5,8 @@
     >>> out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 Public API: :func:`scaled_dot_product_attention`, :func:`attention_weights`, :func:`softmax`,
-:func:`similarity`, :func:`merge_attention`, :func:`backends`, :class:`MultiHeadAttention`;
+:func:`similarity`, :func:`merge_attention`, :func:`attention_with_kvcache`,
+:func:`varlen_attention`, :func:`backends`, :class:`MultiHeadAttention`;
 :mod:`fastattn.reference` is the NumPy oracle.
 """
 import importlib.util as _util
@@ -37,7 +38,9 @@ _kernels_from_source_tree()
 from . import reference  # noqa: E402
 from ._api import attention_weights, scaled_dot_product_attention, similarity, softmax  # noqa: E402
 from ._backends import BackendUnavailableError, backends  # noqa: E402
+from .kvcache import attention_with_kvcache  # noqa: E402
 from .merge import merge_attention  # noqa: E402
+from .varlen import varlen_attention  # noqa: E402
 from .mha import MultiHeadAttention, multi_head_attention  # noqa: E402
 
 __version__ = "0.1.0"
@@ -53,4 +56,6 @@ __all__ = [
     "MultiHeadAttention",
     "multi_head_attention",
     "merge_attention",
+    "attention_with_kvcache",
+    "varlen_attention",
 ]
