@@ -134,8 +134,10 @@ def flat_view(x: np.ndarray, dtype) -> tuple[np.ndarray, tuple]:
         x = np.ascontiguousarray(x, dtype=dtype)
     strides = tuple(s // x.itemsize if n > 1 else 0 for s, n in zip(x.strides, x.shape))
     span = 0 if x.size == 0 else 1 + sum((n - 1) * s for n, s in zip(x.shape, strides))
+    if x.size == 0:  # nothing to read; a read-only stand-in of the same type
+        x = np.zeros(1, dtype)
     flat = np.lib.stride_tricks.as_strided(x, shape=(max(span, 1),), strides=(x.itemsize,),
-                                           writeable=False) if x.size else np.zeros(1, dtype)
+                                           writeable=False)
     return flat, strides
 
 
@@ -206,8 +208,7 @@ def _numba_decode(a: _prepare.KVCacheArgs, num_splits):
     from .kernels.cpu.options import RowsLayout
     dtype = a.dtype
     B, Hq, Hkv, Lq, E, Ev, group = a.B, a.Hq, a.Hkv, a.Lq, a.E, a.Ev, a.group
-    q = np.ascontiguousarray(a.q, dtype=dtype)
-    qbuf = q.reshape(-1)
+    qbuf, qs = flat_view(a.q, dtype)  # read in place, as the caches
     kbuf, ks = flat_view(a.k_cache, dtype)
     vbuf, vs = flat_view(a.v_cache, dtype)
     if a.paged:
@@ -218,7 +219,7 @@ def _numba_decode(a: _prepare.KVCacheArgs, num_splits):
     lse = np.empty((B, Hq, Lq), dtype)
     arange = np.arange(B, dtype=np.int64)
     zeros = np.zeros(B, np.int64)
-    rows = RowsLayout(arange * (Hq * Lq * E), E, Lq * E, np.ascontiguousarray(table),
+    rows = RowsLayout(arange * qs[0], qs[2], qs[1], np.ascontiguousarray(table),
                       int(block_size), zeros, ks[0], ks[1], ks[2], zeros, vs[0], vs[1], vs[2],
                       arange * (Hq * Lq * Ev), Ev, Lq * Ev, arange * (Hq * Lq), 1, Lq,
                       a.lengths - Lq, group, E, Ev)

@@ -24,33 +24,29 @@ CHUNK = 64
 @jit
 def _scores(qs, R, kbuf, kb, k_pos, n, E, scale, scores):
     """scores[r, c] = (qs[r] . key c) * scale for the n keys from element kb on, key rows
-    k_pos apart: each key row is loaded once for four query rows at a time."""
+    k_pos apart: each key row is loaded once for four query rows at a time. (Rows indexed as
+    qs[r, e], not sliced: a slice per row and key costs a reference count update.)"""
     for c in range(n):
         start = kb + c * k_pos
         key = kbuf[start:start + E]
         r = 0
         while r + 4 <= R:
-            q0 = qs[r]
-            q1 = qs[r + 1]
-            q2 = qs[r + 2]
-            q3 = qs[r + 3]
             s0 = s1 = s2 = s3 = qs.dtype.type(0)
             for e in range(E):
                 x = key[e]
-                s0 += q0[e] * x
-                s1 += q1[e] * x
-                s2 += q2[e] * x
-                s3 += q3[e] * x
+                s0 += qs[r, e] * x
+                s1 += qs[r + 1, e] * x
+                s2 += qs[r + 2, e] * x
+                s3 += qs[r + 3, e] * x
             scores[r, c] = s0 * scale
             scores[r + 1, c] = s1 * scale
             scores[r + 2, c] = s2 * scale
             scores[r + 3, c] = s3 * scale
             r += 4
         while r < R:
-            q0 = qs[r]
             s0 = qs.dtype.type(0)
             for e in range(E):
-                s0 += q0[e] * key[e]
+                s0 += qs[r, e] * key[e]
             scores[r, c] = s0 * scale
             r += 1
 
@@ -64,9 +60,8 @@ def _accumulate(scores, R, vbuf, vb, v_pos, n, Ev, acc):
         for r in range(R):
             p = scores[r, c]
             if p != 0:
-                row = acc[r]
                 for e in range(Ev):
-                    row[e] += p * value[e]
+                    acc[r, e] += p * value[e]
 
 
 @jit
@@ -108,10 +103,9 @@ def _attend_item(item, qbuf, kbuf, vbuf, out, lse, part_out, part_lse, rows, var
             p = rows.pos_offset[b] + t
             first = p - variants.left   # the keys this row may see: first <= j <= last
             last = p + variants.right
-            row = scores[r]
-            chunk_max = dtype(-np.inf)
+            chunk_max = neg_inf
             for c in range(n):
-                s = row[c]
+                s = scores[r, c]
                 if cap > 0:
                     s = cap * math.tanh(s / cap)
                 j = j0 + c
@@ -119,12 +113,12 @@ def _attend_item(item, qbuf, kbuf, vbuf, out, lse, part_out, part_lse, rows, var
                     s = neg_inf
                 elif variants.has_alibi:
                     s -= variants.alibi[b * variants.heads + h] * dtype(abs(p - j))
-                row[c] = s
+                scores[r, c] = s
                 chunk_max = maxnum(chunk_max, s)
             new_max = maxnum(row_max[r], chunk_max)
             if new_max == -np.inf:
                 for c in range(n):
-                    row[c] = 0
+                    scores[r, c] = 0
                 continue
             if new_max != row_max[r]:
                 alpha = exp_nonpositive(row_max[r] - new_max)
@@ -134,8 +128,8 @@ def _attend_item(item, qbuf, kbuf, vbuf, out, lse, part_out, part_lse, rows, var
                 row_max[r] = new_max
             total = dtype(0)
             for c in range(n):
-                w = exp_nonpositive(row[c] - new_max)
-                row[c] = w
+                w = exp_nonpositive(scores[r, c] - new_max)
+                scores[r, c] = w
                 total += w
             row_sum[r] += total
         _accumulate(scores, R, vbuf, vb, rows.v_pos, n, Ev, acc)
