@@ -201,7 +201,9 @@ def run_rows(qbuf, kbuf, vbuf, out, lse, rows, variants, blocks, nsplit):
     part_lse = np.empty(max(parts, 1), dtype)
     with _lock:
         decode.attend_rows(qbuf, kbuf, vbuf, out, lse, rows, variants, items, slot_start,
-                           max_rows, part_out, part_lse, merges)
+                           max_rows, part_out, part_lse)
+        if len(merges):
+            decode.merge_rows(out, lse, part_out, part_lse, rows, merges)
 
 
 def _numba_decode(a: _prepare.KVCacheArgs, num_splits):

@@ -1,6 +1,8 @@
 """attention_with_kvcache: decoding and chunked prefill over contiguous and paged caches against
 the NumPy reference, the in-place append (same bits, nothing else written), split-KV merging,
 and bad input leaving the caches untouched."""
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -325,3 +327,23 @@ def test_read_only_cache_and_cuda_backend(rng):
         fastattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=4, backend="cuda")
     with pytest.raises(TypeError, match="NumPy array"):
         fastattn.attention_with_kvcache(q, k_cache.tolist(), v_cache, cache_seqlens=4)
+
+
+def test_bench_decode_and_varlen_cases_run(monkeypatch, capsys):
+    # The bench CLI's decode and varlen cases on tiny sizes: they run and report every column.
+    pytest.importorskip("numba")
+    from fastattn.bench import cli, decode
+    monkeypatch.setattr(decode, "READ_MIB", 8)
+    monkeypatch.setattr(decode, "VARLEN_SEQUENCES", 3)
+    monkeypatch.setattr(decode, "VARLEN_RANGE", (4, 40))
+    assert cli.main(["--decode", "--decode-lengths", "64", "--decode-batches", "1", "--varlen",
+                     "--heads", "4", "--kv-heads", "2", "--dim", "16", "--min-runs", "1",
+                     "--min-time", "0", "--max-time", "0.1", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "read bandwidth" in text and "of read bw" in text and "padded" in text
+    lines = text.splitlines()
+    decode_row = next(line for line in lines if line.split()[:2] == ["1", "64"])
+    varlen_rows = [line for line in lines if line.split()[:1] in (["True"], ["False"])]
+    assert len(varlen_rows) == 2
+    if importlib.util.find_spec("torch") is not None:  # every figure there, none missing
+        assert "nan" not in decode_row and not any("nan" in row for row in varlen_rows)

@@ -104,17 +104,23 @@ def _attend_item(item, qbuf, kbuf, vbuf, out, lse, part_out, part_lse, rows, var
             first = p - variants.left   # the keys this row may see: first <= j <= last
             last = p + variants.right
             chunk_max = neg_inf
-            for c in range(n):
-                s = scores[r, c]
-                if cap > 0:
-                    s = cap * math.tanh(s / cap)
-                j = j0 + c
-                if j < first or j > last:
-                    s = neg_inf
-                elif variants.has_alibi:
-                    s -= variants.alibi[b * variants.heads + h] * dtype(abs(p - j))
-                scores[r, c] = s
-                chunk_max = maxnum(chunk_max, s)
+            if cap == 0 and not variants.has_alibi and first <= j0 and stop - 1 <= last:
+                # The common case, every key of the chunk seen and no score changed: only the
+                # maximum (a loop LLVM vectorises).
+                for c in range(n):
+                    chunk_max = maxnum(chunk_max, scores[r, c])
+            else:
+                for c in range(n):
+                    s = scores[r, c]
+                    if cap > 0:
+                        s = cap * math.tanh(s / cap)
+                    j = j0 + c
+                    if j < first or j > last:
+                        s = neg_inf
+                    elif variants.has_alibi:
+                        s -= variants.alibi[b * variants.heads + h] * dtype(abs(p - j))
+                    scores[r, c] = s
+                    chunk_max = maxnum(chunk_max, s)
             new_max = maxnum(row_max[r], chunk_max)
             if new_max == -np.inf:
                 for c in range(n):
@@ -191,13 +197,12 @@ def _merge_item(m, out, lse, part_out, part_lse, rows):
 
 @parallel_jit
 def attend_rows(qbuf, kbuf, vbuf, out, lse, rows, variants, items, slot_start, max_rows,
-                part_out, part_lse, merges):
+                part_out, part_lse):
     """Run the work items ``items`` (n, 7: sequence, key/value head, first and end query
     position, first and end key, partial-row base or -1), thread slot s taking items
-    slot_start[s]:slot_start[s + 1]; then merge the split ones (``merges`` (m, 6): sequence,
-    head, first and end position, partial base, number of splits). ``out`` and ``lse`` are
-    flat views of the outputs, ``qbuf``, ``kbuf``, ``vbuf`` flat views of the inputs (see
-    ``RowsLayout``)."""
+    slot_start[s]:slot_start[s + 1]. ``out`` and ``lse`` are flat views of the outputs,
+    ``qbuf``, ``kbuf``, ``vbuf`` flat views of the inputs (see ``RowsLayout``); an item with a
+    partial-row base writes its rows there instead, for ``merge_rows``."""
     dtype = qbuf.dtype
     for slot in prange(slot_start.shape[0] - 1):
         qs = np.empty((max_rows, rows.E), dtype)
@@ -208,5 +213,12 @@ def attend_rows(qbuf, kbuf, vbuf, out, lse, rows, variants, items, slot_start, m
         for i in range(slot_start[slot], slot_start[slot + 1]):
             _attend_item(items[i], qbuf, kbuf, vbuf, out, lse, part_out, part_lse, rows,
                          variants, qs, scores, acc, row_max, row_sum)
+
+
+@parallel_jit
+def merge_rows(out, lse, part_out, part_lse, rows, merges):
+    """Merge the splits of each of ``merges`` (m, 6: sequence, key/value head, first and end
+    query position, partial-row base, number of splits) into ``out`` and ``lse``. (A second
+    parallel region, run only when something was split: launching one costs time.)"""
     for i in prange(merges.shape[0]):
         _merge_item(merges[i], out, lse, part_out, part_lse, rows)
