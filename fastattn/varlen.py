@@ -17,6 +17,10 @@ from .kvcache import ROWS_PER_ITEM, _resolve, flat_view, key_range, row_variants
 
 __all__ = ["varlen_attention"]
 
+# Sequences with L * S at least this go through the fused attention kernel one by one; the rest
+# through the row kernel in one call.
+FUSED_MIN_WORK = 256 * 256
+
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
                      alignment="top_left", scale=None, window=None, softcap=None,
@@ -64,12 +68,35 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
             alibi_slopes=None if a.alibi is None else a.alibi.reshape(a.B, a.Hq),
             return_lse=True)
     else:
-        out, lse = _numba_varlen(a)
+        out, lse = _numba_varlen(a, window)
     out = out if out.dtype == a.in_dtype else out.astype(a.in_dtype)
     return (out, lse) if return_lse else out
 
 
-def _numba_varlen(a: _prepare.VarlenArgs):
+def _fused_per_sequence(a: _prepare.VarlenArgs, window, chosen, out, lse) -> bool:
+    """The long sequences through the fused (register-tiled) attention kernel, one call each,
+    parallel within the call; False (nothing written) where that kernel lacks a variant asked
+    for. The call's copy of a sequence's rows costs O(L E), nothing beside its O(L S E)."""
+    from ._api import scaled_dot_product_attention
+    slopes = None if a.alibi is None else a.alibi.reshape(a.B, a.Hq)
+    for i, b in enumerate(chosen):
+        qs, ks = slice(a.cu_q[b], a.cu_q[b + 1]), slice(a.cu_k[b], a.cu_k[b + 1])
+        try:
+            o, x = scaled_dot_product_attention(
+                *(np.swapaxes(arr[s], 0, 1) for arr, s in ((a.q, qs), (a.k, ks), (a.v, ks))),
+                is_causal=a.causal, scale=a.scale, enable_gqa=True, return_lse=True,
+                alignment=a.alignment, window=window, softcap=a.softcap or None,
+                alibi_slopes=None if slopes is None else slopes[b], backend="numba")
+        except NotImplementedError:
+            if i == 0:
+                return False
+            raise
+        out[qs] = np.swapaxes(o, 0, 1)
+        lse[:, qs] = x
+    return True
+
+
+def _numba_varlen(a: _prepare.VarlenArgs, window):
     from .kernels.cpu.options import RowsLayout
     dtype = a.dtype
     B, Hq, Hkv, E, Ev, group = a.B, a.Hq, a.Hkv, a.E, a.Ev, a.group
@@ -88,9 +115,18 @@ def _numba_varlen(a: _prepare.VarlenArgs):
                       a.cu_k[:-1] * vs[0], 0, vs[1], vs[0], a.cu_q[:-1] * (Hq * Ev), Hq * Ev,
                       Ev, a.cu_q[:-1].copy(), 1, total_q, offset.astype(np.int64), group, E, Ev)
     variants = row_variants(a.left, a.right, a.softcap, a.alibi, Hq, a.scale, dtype)
+    # Long sequences go to the fused kernel (its register-tiled block products do more per
+    # cycle than the row kernel's dot products); the short ones, all in one call, to the row
+    # kernel, whose work items over (sequence, head, query block) keep the threads busy.
+    long_ones = [b for b in range(B) if L[b] * S[b] >= FUSED_MIN_WORK]
+    if long_ones and not _fused_per_sequence(a, window, long_ones, out, lse):
+        long_ones = []
+    skip = set(long_ones)
     per_item = max(1, ROWS_PER_ITEM // group)
     blocks = []
     for b in range(B):
+        if b in skip:
+            continue
         for t0 in range(0, int(L[b]), per_item):
             t1 = min(int(L[b]), t0 + per_item)
             lo, hi = key_range(int(offset[b]), t0, t1, int(S[b]), a.left, a.right)
