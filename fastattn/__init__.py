@@ -6,8 +6,9 @@
 
 Public API: :func:`scaled_dot_product_attention` (and its gradients,
 :func:`scaled_dot_product_attention_backward`), :func:`attention_weights`, :func:`softmax`,
-:func:`similarity`, :func:`merge_attention`, :func:`flex_attention` (with
-:func:`create_block_mask`), :func:`backends`, :class:`MultiHeadAttention`;
+:func:`similarity`, :func:`merge_attention`, :func:`attention_with_kvcache`,
+:func:`varlen_attention`, :func:`flex_attention` (with :func:`create_block_mask`),
+:func:`backends`, :class:`MultiHeadAttention`;
 :mod:`fastattn.reference` is the NumPy oracle.
 """
 import importlib.util as _util
@@ -41,7 +42,9 @@ from ._api import attention_weights, scaled_dot_product_attention, similarity, s
 from ._backends import BackendUnavailableError, backends  # noqa: E402
 from .backward import scaled_dot_product_attention_backward  # noqa: E402
 from .flex import BlockMask, and_masks, create_block_mask, flex_attention, or_masks  # noqa: E402
+from .kvcache import attention_with_kvcache  # noqa: E402
 from .merge import merge_attention  # noqa: E402
+from .varlen import varlen_attention  # noqa: E402
 from .mha import MultiHeadAttention, multi_head_attention  # noqa: E402
 
 __version__ = "0.1.0"
@@ -63,4 +66,6 @@ __all__ = [
     "BlockMask",
     "and_masks",
     "or_masks",
+    "attention_with_kvcache",
+    "varlen_attention",
 ]

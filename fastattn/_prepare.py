@@ -481,3 +481,253 @@ def check_lse_values(lse: np.ndarray) -> None:
         raise ValueError(f"lse has {bad} NaN or +inf entries: it must be the forward's "
                          f"log-sum-exp (finite, or -inf for a row with no key), as returned by "
                          f"scaled_dot_product_attention(..., return_lse=True)")
+
+
+# --- decoding from a KV cache and packed variable-length batches --------------------------------
+
+def check_int_count(value, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def check_lengths(value, name: str, B: int) -> np.ndarray:
+    """An int or a (B,) integer array of lengths >= 0, as int64 (B,)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        lengths = np.full(B, int(value), np.int64)
+    else:
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"{name} must be an int or an integer array of shape ({B},), got "
+                            f"dtype {arr.dtype}")
+        if arr.shape != (B,):
+            raise ValueError(f"{name} must be an int or an array of shape ({B},) (one length per "
+                             f"batch row), got shape {arr.shape}")
+        lengths = arr.astype(np.int64)
+    if np.any(lengths < 0):
+        raise ValueError(f"{name} must be >= 0, got {lengths.tolist()}")
+    return lengths
+
+
+@dataclass
+class KVCacheArgs:
+    """Checked ``attention_with_kvcache`` arguments; nothing written or copied yet."""
+    q: np.ndarray
+    k_cache: np.ndarray
+    v_cache: np.ndarray
+    k: np.ndarray | None
+    v: np.ndarray | None
+    old_lengths: np.ndarray   # int64 (B,): tokens in each row's cache before the call
+    lengths: np.ndarray       # int64 (B,): n_b, the keys row b attends over
+    block_table: np.ndarray | None  # int64 (B, max_blocks), paged caches only
+    B: int
+    Hq: int
+    Hkv: int
+    Lq: int
+    E: int
+    Ev: int
+    group: int
+    scale: float
+    causal: bool
+    left: int
+    right: int
+    softcap: float
+    alibi: np.ndarray | None  # (B * Hq,) in the compute dtype
+    in_dtype: np.dtype
+    dtype: np.dtype
+
+    @property
+    def paged(self) -> bool:
+        return self.block_table is not None
+
+
+def _cache_array(x, name: str, writes: bool):
+    if is_numba_device_array(x) or (hasattr(x, "__cuda_array_interface__")
+                                    and not isinstance(x, np.ndarray)):
+        raise TypeError(f"{name} is a GPU array; attention_with_kvcache takes NumPy caches "
+                        f"(the CUDA backend has no decode kernel yet)")
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array (the cache is written in place), got "
+                        f"{type(x).__name__}")
+    check_float_dtype(x.dtype, name)
+    if x.ndim != 4:
+        raise ValueError(f"{name} must have 4 dims, (B, Hkv, S_max, E) or paged (num_blocks, "
+                         f"Hkv, block_size, E), got shape {x.shape}")
+    if writes and not x.flags.writeable:
+        raise ValueError(f"{name} is read-only, but k and v are to be written into it")
+    return x
+
+
+def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, is_causal, scale,
+                  window, softcap, alibi_slopes, num_splits) -> KVCacheArgs:
+    """Check everything before anything is written: a bad call leaves the caches untouched."""
+    q = check_float_array(q, "q")
+    if q.ndim != 4:
+        raise ValueError(f"q must be (B, Hq, Lq, E), got shape {q.shape}")
+    if (k is None) != (v is None):
+        raise ValueError(f"k and v must be given together (the new keys and their values), got "
+                         f"k {'None' if k is None else np.shape(k)} and v "
+                         f"{'None' if v is None else np.shape(v)}")
+    writes = k is not None
+    k_cache = _cache_array(k_cache, "k_cache", writes)
+    v_cache = _cache_array(v_cache, "v_cache", writes)
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"q, k_cache and v_cache must have the same dtype, got q {q.dtype}, "
+                        f"k_cache {k_cache.dtype}, v_cache {v_cache.dtype}")
+    B, Hq, Lq, E = q.shape
+    first, Hkv, slots, Ek = k_cache.shape
+    Ev = v_cache.shape[3]
+    if Ek != E:
+        raise ValueError(f"q {q.shape} and k_cache {k_cache.shape} must have the same feature "
+                         f"size E")
+    if E == 0:
+        raise ValueError(f"q needs a feature size E >= 1, got shape {q.shape}")
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must agree in all "
+                         f"but the last dim")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"the query heads Hq={Hq} must be a multiple of the cache's key/value "
+                         f"heads Hkv={Hkv} (q {q.shape}, k_cache {k_cache.shape})")
+    if block_table is None:
+        if first != B:
+            raise ValueError(f"k_cache {k_cache.shape} must have one row per query row, B={B} "
+                             f"(q {q.shape}); a paged cache needs block_table")
+        capacity = slots
+        table = None
+    else:
+        table = np.asarray(block_table)
+        if table.dtype.kind not in "iu":
+            raise TypeError(f"block_table must be an integer array, got dtype {table.dtype}")
+        if table.ndim != 2 or table.shape[0] != B:
+            raise ValueError(f"block_table must be (B, max_blocks) = ({B}, ...), got shape "
+                             f"{table.shape}")
+        if slots == 0:
+            raise ValueError(f"a paged k_cache needs a block size >= 1, got shape "
+                             f"{k_cache.shape}")
+        capacity = table.shape[1] * slots
+        table = table.astype(np.int64)
+    if writes:
+        k = check_float_array(k, "k")
+        v = check_float_array(v, "v")
+        if k.dtype != q.dtype or v.dtype != q.dtype:
+            raise TypeError(f"k and v must have the dtype of q and the caches ({q.dtype}), got "
+                            f"k {k.dtype}, v {v.dtype}")
+        if k.shape != (B, Hkv, Lq, E) or v.shape != (B, Hkv, Lq, Ev):
+            raise ValueError(f"k and v must be (B, Hkv, Lq, E) = {(B, Hkv, Lq, E)} and "
+                             f"(B, Hkv, Lq, Ev) = {(B, Hkv, Lq, Ev)}, got k {k.shape}, "
+                             f"v {v.shape}")
+    old = check_lengths(cache_seqlens, "cache_seqlens", B)
+    lengths = old + Lq if writes else old
+    if np.any(lengths > capacity):
+        what = "cache_seqlens + Lq" if writes else "cache_seqlens"
+        where = (f"the block table's capacity max_blocks * block_size = {table.shape[1]} * "
+                 f"{slots}" if table is not None else f"S_max = {capacity}")
+        raise ValueError(f"{what} = {lengths.tolist()} exceeds {where}")
+    if table is not None:
+        used = np.arange(table.shape[1])[None, :] * slots < lengths[:, None]
+        bad = used & ((table < 0) | (table >= first))
+        if bad.any():
+            b, i = map(int, np.argwhere(bad)[0])
+            raise ValueError(f"block_table[{b}, {i}] = {table[b, i]} is out of range for a paged "
+                             f"cache of {first} blocks (k_cache {k_cache.shape})")
+        if writes:
+            t = old[:, None] + np.arange(Lq)[None, :]
+            slot = table[np.arange(B)[:, None], t // slots] * slots + t % slots
+            if len(np.unique(slot)) != slot.size:
+                raise ValueError("two batch rows would write their new keys into the same cache "
+                                 "slot: their block_table entries share a block")
+    causal = check_flag(is_causal, "is_causal")
+    scale = check_scale(scale)
+    if num_splits is not None:
+        if check_int_count(num_splits, "num_splits") < 1:
+            raise ValueError(f"num_splits must be >= 1 or None, got {num_splits}")
+    left, right = check_window(window, causal)
+    dtype = compute_dtype(q.dtype)
+    return KVCacheArgs(q, k_cache, v_cache, k, v, old, lengths, table, B, Hq, Hkv, Lq, E, Ev,
+                       Hq // Hkv, 1.0 / math.sqrt(E) if scale is None else scale, causal, left,
+                       right, check_softcap(softcap), check_alibi(alibi_slopes, (B, Hq), dtype),
+                       q.dtype, dtype)
+
+
+def check_cu_seqlens(cu, name: str, total: int, total_name: str) -> np.ndarray:
+    arr = np.asarray(cu)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an int32 or int64 array, got dtype {arr.dtype}")
+    if arr.ndim != 1 or arr.shape[0] < 1:
+        raise ValueError(f"{name} must be 1-d with B + 1 entries, got shape {arr.shape}")
+    arr = arr.astype(np.int64)
+    if arr[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {name}[0] = {arr[0]}")
+    if np.any(np.diff(arr) < 0):
+        i = int(np.argmax(np.diff(arr) < 0))
+        raise ValueError(f"{name} must not decrease, got {name}[{i}] = {arr[i]} > "
+                         f"{name}[{i + 1}] = {arr[i + 1]}")
+    if arr[-1] != total:
+        raise ValueError(f"{name} must end at {total_name} = {total}, got {name}[-1] = "
+                         f"{arr[-1]}")
+    return arr
+
+
+@dataclass
+class VarlenArgs:
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    cu_q: np.ndarray   # int64 (B + 1,)
+    cu_k: np.ndarray
+    B: int
+    Hq: int
+    Hkv: int
+    E: int
+    Ev: int
+    group: int
+    scale: float
+    causal: bool
+    alignment: str
+    left: int
+    right: int
+    softcap: float
+    alibi: np.ndarray | None  # (B * Hq,)
+    in_dtype: np.dtype
+    dtype: np.dtype
+
+
+def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal, alignment, scale, window,
+                 softcap, alibi_slopes) -> VarlenArgs:
+    arrays = [check_float_array(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v"))]
+    q, k, v = arrays
+    for name, arr in zip("qkv", arrays):
+        if is_numba_device_array(arr):
+            raise TypeError(f"{name} is a GPU array; varlen_attention takes NumPy arrays (the "
+                            f"CUDA backend has no varlen kernel yet)")
+        if arr.ndim != 3:
+            raise ValueError(f"{name} must be packed as (total, heads, features), got shape "
+                             f"{arr.shape}")
+    if len({a.dtype for a in arrays}) != 1:
+        raise TypeError(f"q, k and v must have the same dtype, got q {q.dtype}, k {k.dtype}, "
+                        f"v {v.dtype}")
+    total_q, Hq, E = q.shape
+    total_k, Hkv, Ek = k.shape
+    if Ek != E or E == 0:
+        raise ValueError(f"q {q.shape} and k {k.shape} must have the same feature size E >= 1")
+    if v.shape[:2] != (total_k, Hkv):
+        raise ValueError(f"v {v.shape} must be (total_k, Hkv, Ev) = ({total_k}, {Hkv}, ...) "
+                         f"like k {k.shape}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"the query heads Hq={Hq} must be a multiple of the key/value heads "
+                         f"Hkv={Hkv} (q {q.shape}, k {k.shape})")
+    cu_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", total_q, "total_q (q.shape[0])")
+    cu_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", total_k, "total_k (k.shape[0])")
+    if len(cu_q) != len(cu_k):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same number of entries "
+                         f"(B + 1), got {len(cu_q)} and {len(cu_k)}")
+    B = len(cu_q) - 1
+    causal = check_flag(is_causal, "is_causal")
+    check_choice(alignment, "alignment", ALIGNMENTS)
+    scale = check_scale(scale)
+    left, right = check_window(window, causal)
+    dtype = compute_dtype(q.dtype)
+    return VarlenArgs(q, k, v, cu_q, cu_k, B, Hq, Hkv, E, v.shape[2], Hq // Hkv,
+                      1.0 / math.sqrt(E) if scale is None else scale, causal, alignment, left,
+                      right, check_softcap(softcap), check_alibi(alibi_slopes, (B, Hq), dtype), q.dtype,
+                      dtype)

@@ -50,6 +50,8 @@ __all__ = [
     "flex_attention",
     "flex_grid",
     "block_mask_keep",
+    "attention_with_kvcache",
+    "varlen_attention",
 ]
 
 
@@ -370,3 +372,68 @@ def flex_attention(query, key, value, score_mod=None, mask_mod=None, *, block_ki
     if return_lse:
         return out, _logsumexp(scores)
     return out
+
+
+def _cache_rows(cache, b, n, block_table):
+    """Row b's first n keys (or values) of a cache, (Hkv, n, E): contiguous (B, Hkv, S_max, E),
+    or paged (num_blocks, Hkv, block_size, E) with key t in block block_table[b, t // block_size]
+    at t % block_size."""
+    if block_table is None:
+        return cache[b, :, :n]
+    t = np.arange(n)
+    block_size = cache.shape[2]
+    blocks = np.asarray(block_table)[b, t // block_size]
+    return np.swapaxes(cache[blocks, :, t % block_size], 0, 1)  # (n, Hkv, E) -> (Hkv, n, E)
+
+
+def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens,
+                           block_table=None, is_causal=True, scale=None, window=None,
+                           softcap=None, alibi_slopes=None, return_lse=False):
+    """Attention of q (B, Hq, Lq, E) over each row's cached keys and values followed by the new
+    ones: row b attends over its first cache_seqlens[b] cached keys, then k[b] and v[b] when given
+    (n_b keys in all), bottom-right aligned (query t sits at position n_b - Lq + t), causal by
+    default. Writes nothing (the public function appends k and v to the caches itself).
+    Returns out (B, Hq, Lq, Ev), and lse (B, Hq, Lq) with ``return_lse``."""
+    B, Hq = q.shape[:2]
+    seqlens = np.broadcast_to(np.asarray(cache_seqlens), (B,))
+    slopes = None if alibi_slopes is None else np.broadcast_to(alibi_slopes, (B, Hq))
+    outs, lses = [], []
+    for b in range(B):
+        keys = _cache_rows(k_cache, b, int(seqlens[b]), block_table)
+        values = _cache_rows(v_cache, b, int(seqlens[b]), block_table)
+        if k is not None:
+            keys = np.concatenate([keys, k[b]], axis=1)
+            values = np.concatenate([values, v[b]], axis=1)
+        out, lse = scaled_dot_product_attention(
+            q[b], keys.astype(q.dtype), values.astype(q.dtype), is_causal=is_causal,
+            scale=scale, enable_gqa=True, return_lse=True, alignment="bottom_right",
+            window=window, softcap=softcap, alibi_slopes=None if slopes is None else slopes[b])
+        outs.append(out)
+        lses.append(lse)
+    out, lse = np.stack(outs), np.stack(lses)
+    return (out, lse) if return_lse else out
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
+                     alignment="top_left", scale=None, window=None, softcap=None,
+                     alibi_slopes=None, return_lse=False):
+    """Attention over packed sequences: q (total_q, Hq, E), k (total_k, Hkv, E), v (total_k,
+    Hkv, Ev); sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q and
+    cu_seqlens_k[b]:cu_seqlens_k[b + 1] of k and v, one ``scaled_dot_product_attention`` each.
+    ``alibi_slopes`` (Hq,) or (B, Hq). Returns out (total_q, Hq, Ev), and lse (Hq, total_q)
+    with ``return_lse``."""
+    cu_q, cu_k = np.asarray(cu_seqlens_q), np.asarray(cu_seqlens_k)
+    B, Hq = len(cu_q) - 1, q.shape[1]
+    slopes = None if alibi_slopes is None else np.broadcast_to(alibi_slopes, (B, Hq))
+    out = np.zeros((q.shape[0], Hq, v.shape[2]), dtype=q.dtype)
+    lse = np.full((Hq, q.shape[0]), -np.inf, dtype=q.dtype)
+    for b in range(B):
+        qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        o, x = scaled_dot_product_attention(
+            np.swapaxes(q[qs], 0, 1), np.swapaxes(k[ks], 0, 1), np.swapaxes(v[ks], 0, 1),
+            is_causal=is_causal, scale=scale, enable_gqa=True, return_lse=True,
+            alignment=alignment, window=window, softcap=softcap,
+            alibi_slopes=None if slopes is None else slopes[b])
+        out[qs] = np.swapaxes(o, 0, 1)
+        lse[:, qs] = x
+    return (out, lse) if return_lse else out

@@ -205,6 +205,18 @@ def parse_args(argv) -> argparse.Namespace:
     what.add_argument("--impls", type=_name_list(impls.IMPLS["attention"]), metavar="NAME,...",
                       default=list(impls.IMPLS["attention"]),
                       help="implementations to compare (default: all usable here)")
+    what.add_argument("--decode", action="store_true",
+                      help="only the decode case: attention_with_kvcache, one query row, "
+                           "Hq=32, Hkv=8, D=128, against PyTorch and the read bandwidth")
+    what.add_argument("--decode-lengths", type=_int_list, metavar="S,...",
+                      default=[4096, 32768, 131072], help="cache lengths of --decode "
+                                                          "(default 4096,32768,131072)")
+    what.add_argument("--decode-batches", type=_int_list, metavar="B,...", default=[1, 8],
+                      help="batch sizes of --decode (default 1,8)")
+    what.add_argument("--varlen", action="store_true",
+                      help="only the varlen case: 16 sequences of lengths 64..2048 packed "
+                           "(varlen_attention) against padded SDPA with a padding mask "
+                           "(--heads, --kv-heads, --dim, --causal/--no-causal apply)")
     how = parser.add_argument_group("how")
     how.add_argument("--threads", type=int, metavar="N",
                      help="threads for Numba, NumPy's BLAS and PyTorch (default: all cores)")
@@ -701,6 +713,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.transformers:
         from .transformers_case import main as transformers_main
         return transformers_main(args)
+    if args.decode or args.varlen:
+        from . import decode
+        results = decode.run(args)
+        print(decode.render(results))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+            print(f"\nwrote {args.json}")
+        return 0
     if args.from_json:
         with open(args.from_json) as f:
             results = json.load(f)

@@ -411,3 +411,39 @@ def busy_warning() -> str | None:
     return (f"the machine is busy (load average {load:.2f} on {cores} cores): other work is "
             f"taking the cores, so the figures of this run will be low; stop it and rerun for "
             f"figures like the README's")
+
+
+# --- memory read bandwidth ---------------------------------------------------------------------
+
+def _read_kernel():
+    import numba
+
+    @numba.njit(parallel=True, fastmath={"reassoc", "nsz", "contract", "arcp"}, cache=False)
+    def read_all(a, chunks):
+        # A read-only pass: the sum of every element, chunk by chunk on the threads (the sums
+        # are returned, so the reads cannot be dropped).
+        n = a.shape[0]
+        sums = np.zeros(chunks, a.dtype)
+        for c in numba.prange(chunks):
+            s = a.dtype.type(0)
+            for i in range(c * n // chunks, (c + 1) * n // chunks):
+                s += a[i]
+            sums[c] = s
+        return sums
+
+    return read_all
+
+
+def read_bandwidth(mib: int = 512, runs: int = 5) -> dict:
+    """This machine's memory read bandwidth on the current threads: the best of ``runs``
+    read-only passes over a ``mib`` MiB float32 array (far larger than any cache), in GB/s.
+    The figure decoding from a KV cache is judged against: it reads every key and value once."""
+    read_all = _read_kernel()
+    a = np.ones(int(mib * MiB) // 4, np.float32)
+    read_all(a[:1024], 64)  # compile
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        read_all(a, 256)
+        best = min(best, time.perf_counter() - start)
+    return {"mib": mib, "runs": runs, "best_s": best, "gbs": a.nbytes / best / 1e9}

@@ -1,0 +1,246 @@
+"""Decoding from a KV cache: one step of generation (or a chunk of prefill) against the keys and
+values cached so far, contiguous or paged, with the new keys and values appended in place.
+
+The CPU kernel (``kernels/cpu/decode.py``) reads the caches where they lie and each key and value
+row once for all the query heads of its group; long caches are split across the threads
+(flash-decoding) and the splits merged exactly, as :func:`fastattn.merge_attention` does.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+
+import numpy as np
+
+from . import _backends, _prepare, reference
+
+__all__ = ["attention_with_kvcache"]
+
+# Query rows per work item (query heads of a group times query positions): enough rows to use
+# each key and value row loaded from memory many times, few enough that they stay in L1.
+ROWS_PER_ITEM = 64
+# Flash-decoding: split the keys when there are fewer (sequence, head) items than this, into
+# ranges of at least MIN_SPLIT_KEYS keys. A constant, not the thread count, so that results do
+# not depend on the number of threads.
+MIN_ITEMS = 16
+MIN_SPLIT_KEYS = 512
+
+
+def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens,
+                           block_table=None, is_causal=True, scale=None, window=None,
+                           softcap=None, alibi_slopes=None, return_lse=False, num_splits=None,
+                           backend="auto"):
+    """Attention of new queries over a KV cache, appending the new keys and values first.
+
+    Args:
+        q: (B, Hq, Lq, E) float array: one query row per batch row when decoding (Lq = 1), or a
+            chunk of a prompt (chunked prefill).
+        k_cache, v_cache: (B, Hkv, S_max, E) and (B, Hkv, S_max, Ev), or paged: (num_blocks,
+            Hkv, block_size, E / Ev) with ``block_table``. The dtype of ``q``; Hq a multiple of
+            Hkv (grouped-query attention: query head h uses cache head h // (Hq // Hkv)).
+        k, v: optional (B, Hkv, Lq, E) and (B, Hkv, Lq, Ev): the new keys and values, written
+            into the caches in place at positions cache_seqlens[b] .. cache_seqlens[b] + Lq - 1
+            before the attention. This is the one function of fastattn that writes an argument,
+            and it writes nothing else (a bad call raises before writing anything).
+        cache_seqlens: int or (B,) int array: the tokens already in each row's cache.
+        block_table: (B, max_blocks) integer array for a paged cache: row b's key t lives in
+            block ``block_table[b, t // block_size]`` at ``t % block_size`` (as vLLM and
+            FlashAttention's ``flash_attn_with_kvcache``).
+        is_causal: default True: row b attends over its first n_b keys (n_b = cache_seqlens[b],
+            + Lq with k and v), bottom-right aligned: query t sits at position n_b - Lq + t and
+            sees keys j <= n_b - Lq + t.
+        scale, window, softcap, alibi_slopes: as in :func:`scaled_dot_product_attention`
+            (positions bottom-right aligned); ``alibi_slopes`` (Hq,) or (B, Hq).
+        return_lse: also return the log-sum-exp, (B, Hq, Lq).
+        num_splits: split each row's keys into this many ranges, one work item each, merged
+            exactly (default: split only when B * Hkv is small and the cache long).
+        backend: ``"auto"`` (``"numba"``), ``"numba"`` or ``"numpy"``; ``"cuda"`` has no decode
+            kernel yet and raises.
+
+    Returns:
+        out (B, Hq, Lq, Ev) in q's dtype, or ``(out, lse)``. A query row that sees no key (an
+        empty cache without new keys) gives zeros and lse -inf.
+
+    Example:
+        >>> import numpy as np, fastattn
+        >>> rng = np.random.default_rng(0)
+        >>> k_cache = np.zeros((1, 2, 16, 8), np.float32); v_cache = np.zeros_like(k_cache)
+        >>> q, k, v = (rng.standard_normal((1, 4, 1, 8), dtype=np.float32) for _ in range(3))
+        >>> out = fastattn.attention_with_kvcache(q, k_cache, v_cache, k[:, :2], v[:, :2],
+        ...                                       cache_seqlens=0)
+        >>> bool(np.allclose(out, np.repeat(v[:, :2], 2, axis=1)))  # one key: its value
+        True
+    """
+    name = _resolve(backend, q, k_cache, v_cache, k, v)
+    a = _prepare.check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table,
+                               is_causal, scale, window, softcap, alibi_slopes, num_splits)
+    if a.k is not None:
+        _append(a)
+    if name == "numpy":
+        out, lse = _reference(a, window)
+    else:
+        out, lse = _numba_decode(a, num_splits)
+    out = out if out.dtype == a.in_dtype else out.astype(a.in_dtype)
+    return (out, lse) if return_lse else out
+
+
+def _resolve(backend, *arrays) -> str:
+    if backend == "cuda":
+        raise _backends.BackendUnavailableError(
+            "attention_with_kvcache has no CUDA kernel yet; use backend='numba' or 'numpy' with "
+            "NumPy caches")
+    name = _backends.resolve(backend, *arrays)
+    if name == "cuda":  # "auto" with GPU arrays
+        raise _backends.BackendUnavailableError(
+            "attention_with_kvcache has no CUDA kernel yet: pass NumPy arrays (backend 'numba')")
+    return name
+
+
+def _append(a: _prepare.KVCacheArgs) -> None:
+    """Write k and v into the caches at each row's positions old .. old + Lq - 1."""
+    Lq = a.Lq
+    for b in range(a.B):
+        start = int(a.old_lengths[b])
+        if a.block_table is None:
+            a.k_cache[b, :, start:start + Lq] = a.k[b]
+            a.v_cache[b, :, start:start + Lq] = a.v[b]
+            continue
+        t = np.arange(start, start + Lq)
+        block_size = a.k_cache.shape[2]
+        blocks = a.block_table[b, t // block_size]
+        a.k_cache[blocks, :, t % block_size] = np.swapaxes(a.k[b], 0, 1)
+        a.v_cache[blocks, :, t % block_size] = np.swapaxes(a.v[b], 0, 1)
+
+
+def _reference(a: _prepare.KVCacheArgs, window):
+    dtype = a.dtype
+    alibi = None if a.alibi is None else a.alibi.reshape(a.B, a.Hq)
+    out, lse = reference.attention_with_kvcache(
+        np.asarray(a.q, dtype), a.k_cache, a.v_cache, cache_seqlens=a.lengths,
+        block_table=a.block_table, is_causal=a.causal, scale=a.scale,
+        window=None if window is None else tuple(window), softcap=a.softcap or None,
+        alibi_slopes=alibi, return_lse=True)
+    return out, lse
+
+
+# --- the numba backend ---------------------------------------------------------------------------
+
+def flat_view(x: np.ndarray, dtype) -> tuple[np.ndarray, tuple]:
+    """A read-only 1-d view of the memory ``x`` spans from its first element, and x's strides
+    in elements: the kernels read x in place through it. A copy only when x is not in ``dtype``
+    or its last dim is not contiguous (or a stride is negative)."""
+    if (x.dtype != dtype or (x.shape[-1] > 1 and x.strides[-1] != x.itemsize)
+            or any(s < 0 for s in x.strides) or any(s % x.itemsize for s in x.strides)):
+        x = np.ascontiguousarray(x, dtype=dtype)
+    strides = tuple(s // x.itemsize if n > 1 else 0 for s, n in zip(x.strides, x.shape))
+    span = 0 if x.size == 0 else 1 + sum((n - 1) * s for n, s in zip(x.shape, strides))
+    if x.size == 0:  # nothing to read; a read-only stand-in of the same type
+        x = np.zeros(1, dtype)
+    flat = np.lib.stride_tricks.as_strided(x, shape=(max(span, 1),), strides=(x.itemsize,),
+                                           writeable=False)
+    return flat, strides
+
+
+def row_variants(left, right, softcap, alibi, heads, scale, dtype):
+    from .kernels.cpu.options import RowVariants
+    has_alibi = alibi is not None
+    slopes = alibi if has_alibi else np.zeros(1, dtype)
+    return RowVariants(float(scale), int(left), int(right), float(softcap), slopes, has_alibi,
+                       int(heads))
+
+
+def key_range(offset, t0, t1, n, left, right):
+    """The keys a block of query positions [t0, t1) can see, [lo, hi)."""
+    lo = max(0, offset + t0 - left)
+    hi = min(n, offset + t1 - 1 + right + 1)
+    return lo, max(lo, hi)
+
+
+def schedule(blocks, group, nsplit, threads):
+    """Work items from (b, g, t0, t1, lo, hi) blocks, each split into ``nsplit`` key ranges when
+    ``nsplit`` > 1 (then written to partial rows and merged), dealt to ``threads`` slots by cost
+    (longest first to the least loaded). Returns (items (n, 7), slot_start, merges (m, 6),
+    partial rows)."""
+    items, merges = [], []
+    part = 0
+    for b, g, t0, t1, lo, hi in blocks:
+        R = (t1 - t0) * group
+        if nsplit == 1:
+            items.append((b, g, t0, t1, lo, hi, -1))
+            continue
+        for s in range(nsplit):
+            items.append((b, g, t0, t1, lo + (hi - lo) * s // nsplit,
+                          lo + (hi - lo) * (s + 1) // nsplit, part + s * R))
+        merges.append((b, g, t0, t1, part, nsplit))
+        part += nsplit * R
+    cost = [(it[3] - it[2]) * (it[5] - it[4] + 16) for it in items]
+    load = [(0, s) for s in range(threads)]
+    bins = [[] for _ in range(threads)]
+    for i in sorted(range(len(items)), key=lambda i: -cost[i]):
+        total, s = heapq.heappop(load)
+        bins[s].append(items[i])
+        heapq.heappush(load, (total + cost[i], s))
+    ordered = [it for slot in bins for it in slot]
+    slot_start = np.cumsum([0] + [len(slot) for slot in bins]).astype(np.int64)
+    return (np.array(ordered, np.int64).reshape(-1, 7), slot_start,
+            np.array(merges, np.int64).reshape(-1, 6), part)
+
+
+def run_rows(qbuf, kbuf, vbuf, out, lse, rows, variants, blocks, nsplit):
+    """Run the row kernel on ``blocks`` into the flat outputs ``out`` and ``lse``."""
+    import numba
+
+    from .kernels.cpu import decode
+    from ._numba import _announce_compiles, _lock
+    _announce_compiles()
+    items, slot_start, merges, parts = schedule(blocks, rows.group, nsplit,
+                                                numba.get_num_threads())
+    max_rows = max([(it[3] - it[2]) * rows.group for it in items] + [1])
+    dtype = qbuf.dtype
+    part_out = np.empty((max(parts, 1), rows.Ev), dtype)
+    part_lse = np.empty(max(parts, 1), dtype)
+    with _lock:
+        decode.attend_rows(qbuf, kbuf, vbuf, out, lse, rows, variants, items, slot_start,
+                           max_rows, part_out, part_lse)
+        if len(merges):
+            decode.merge_rows(out, lse, part_out, part_lse, rows, merges)
+
+
+def _numba_decode(a: _prepare.KVCacheArgs, num_splits):
+    from .kernels.cpu.options import RowsLayout
+    dtype = a.dtype
+    B, Hq, Hkv, Lq, E, Ev, group = a.B, a.Hq, a.Hkv, a.Lq, a.E, a.Ev, a.group
+    qbuf, qs = flat_view(a.q, dtype)  # read in place, as the caches
+    kbuf, ks = flat_view(a.k_cache, dtype)
+    vbuf, vs = flat_view(a.v_cache, dtype)
+    if a.paged:
+        table, block_size = a.block_table, a.k_cache.shape[2]
+    else:  # a contiguous cache is a paged one of one block per row
+        table, block_size = np.arange(B, dtype=np.int64)[:, None], max(a.k_cache.shape[2], 1)
+    out = np.empty((B, Hq, Lq, Ev), dtype)
+    lse = np.empty((B, Hq, Lq), dtype)
+    arange = np.arange(B, dtype=np.int64)
+    zeros = np.zeros(B, np.int64)
+    rows = RowsLayout(arange * qs[0], qs[2], qs[1], np.ascontiguousarray(table),
+                      int(block_size), zeros, ks[0], ks[1], ks[2], zeros, vs[0], vs[1], vs[2],
+                      arange * (Hq * Lq * Ev), Ev, Lq * Ev, arange * (Hq * Lq), 1, Lq,
+                      a.lengths - Lq, group, E, Ev)
+    variants = row_variants(a.left, a.right, a.softcap, a.alibi, Hq, a.scale, dtype)
+    per_item = max(1, ROWS_PER_ITEM // group)
+    blocks = []
+    for b in range(B):
+        n, offset = int(a.lengths[b]), int(a.lengths[b]) - Lq
+        for g in range(Hkv):
+            for t0 in range(0, Lq, per_item):
+                t1 = min(Lq, t0 + per_item)
+                blocks.append((b, g, t0, t1, *key_range(offset, t0, t1, n, a.left, a.right)))
+    if num_splits is None:
+        longest = max([hi - lo for *_, lo, hi in blocks] + [0])
+        num_splits = 1
+        if len(blocks) < MIN_ITEMS:
+            num_splits = max(1, min(math.ceil(MIN_ITEMS / max(len(blocks), 1)),
+                                    longest // MIN_SPLIT_KEYS))
+    if blocks:
+        run_rows(qbuf, kbuf, vbuf, out.reshape(-1), lse.reshape(-1), rows, variants, blocks,
+                 int(num_splits))
+    return out, lse

@@ -1,0 +1,224 @@
+"""Row-wise attention read in place: decoding from a KV cache (contiguous or paged) and packed
+variable-length batches.
+
+Decoding is bound by memory bandwidth: each key and value row is read once per work item and
+used for all the query rows of its group (the group's query heads times its query positions),
+straight from the cache (no copy, no re-layout). A work item is (sequence, key/value head, a
+block of query positions, a range of keys); the host (``fastattn.kvcache``, ``fastattn.varlen``)
+lists them, splits long key ranges across threads (flash-decoding) and deals the items to the
+threads by cost. A split writes its normalised (out, lse) to scratch, merged exactly afterwards
+(out = sum_i out_i exp(lse_i - lse), as ``merge_attention``). Which thread runs an item never
+changes its result, so results do not depend on the thread count.
+"""
+import math
+
+import numpy as np
+from numba import prange
+
+from ._jit import exp_nonpositive, jit, maxnum, parallel_jit
+
+# Keys per chunk of the online softmax: the chunk's scores stay in the L1 cache.
+CHUNK = 64
+
+
+@jit
+def _scores(qs, R, kbuf, kb, k_pos, n, E, scale, scores):
+    """scores[r, c] = (qs[r] . key c) * scale for the n keys from element kb on, key rows
+    k_pos apart: each key row is loaded once for four query rows at a time. (Rows indexed as
+    qs[r, e], not sliced: a slice per row and key costs a reference count update.)"""
+    for c in range(n):
+        start = kb + c * k_pos
+        key = kbuf[start:start + E]
+        r = 0
+        while r + 4 <= R:
+            s0 = s1 = s2 = s3 = qs.dtype.type(0)
+            for e in range(E):
+                x = key[e]
+                s0 += qs[r, e] * x
+                s1 += qs[r + 1, e] * x
+                s2 += qs[r + 2, e] * x
+                s3 += qs[r + 3, e] * x
+            scores[r, c] = s0 * scale
+            scores[r + 1, c] = s1 * scale
+            scores[r + 2, c] = s2 * scale
+            scores[r + 3, c] = s3 * scale
+            r += 4
+        while r < R:
+            s0 = qs.dtype.type(0)
+            for e in range(E):
+                s0 += qs[r, e] * key[e]
+            scores[r, c] = s0 * scale
+            r += 1
+
+
+@jit
+def _accumulate(scores, R, vbuf, vb, v_pos, n, Ev, acc):
+    """acc[r] += sum_c scores[r, c] * value c: each value row loaded once for all the rows."""
+    for c in range(n):
+        start = vb + c * v_pos
+        value = vbuf[start:start + Ev]
+        for r in range(R):
+            p = scores[r, c]
+            if p != 0:
+                for e in range(Ev):
+                    acc[r, e] += p * value[e]
+
+
+@jit
+def _attend_item(item, qbuf, kbuf, vbuf, out, lse, part_out, part_lse, rows, variants,
+                 qs, scores, acc, row_max, row_sum):
+    b, g, t0, t1, lo, hi, part = item[0], item[1], item[2], item[3], item[4], item[5], item[6]
+    group, E, Ev = rows.group, rows.E, rows.Ev
+    R = (t1 - t0) * group
+    dtype = qs.dtype.type
+    # The query rows, row r = (position t0 + r // group, head g * group + r % group), copied
+    # together (R * E elements: nothing beside the R * keys * E reads of the cache).
+    for r in range(R):
+        t = t0 + r // group
+        h = g * group + r % group
+        base = rows.q_first[b] + t * rows.q_pos + h * rows.q_head
+        for e in range(E):
+            qs[r, e] = qbuf[base + e]
+        row_max[r] = -np.inf
+        row_sum[r] = 0
+        for e in range(Ev):
+            acc[r, e] = 0
+    scale = dtype(variants.scale)
+    cap = dtype(variants.softcap)
+    neg_inf = dtype(-np.inf)
+    bs = rows.block_size
+    j0 = lo
+    while j0 < hi:
+        block = j0 // bs
+        stop = min(hi, j0 + CHUNK, (block + 1) * bs)
+        n = stop - j0
+        offset = j0 - block * bs
+        physical = rows.table[b, block]
+        kb = physical * rows.k_block + g * rows.k_head + offset * rows.k_pos + rows.k_first[b]
+        vb = physical * rows.v_block + g * rows.v_head + offset * rows.v_pos + rows.v_first[b]
+        _scores(qs, R, kbuf, kb, rows.k_pos, n, E, scale, scores)
+        for r in range(R):
+            t = t0 + r // group
+            h = g * group + r % group
+            p = rows.pos_offset[b] + t
+            first = p - variants.left   # the keys this row may see: first <= j <= last
+            last = p + variants.right
+            chunk_max = neg_inf
+            if cap == 0 and not variants.has_alibi and first <= j0 and stop - 1 <= last:
+                # The common case, every key of the chunk seen and no score changed: only the
+                # maximum (a loop LLVM vectorises).
+                for c in range(n):
+                    chunk_max = maxnum(chunk_max, scores[r, c])
+            else:
+                for c in range(n):
+                    s = scores[r, c]
+                    if cap > 0:
+                        s = cap * math.tanh(s / cap)
+                    j = j0 + c
+                    if j < first or j > last:
+                        s = neg_inf
+                    elif variants.has_alibi:
+                        s -= variants.alibi[b * variants.heads + h] * dtype(abs(p - j))
+                    scores[r, c] = s
+                    chunk_max = maxnum(chunk_max, s)
+            new_max = maxnum(row_max[r], chunk_max)
+            if new_max == -np.inf:
+                for c in range(n):
+                    scores[r, c] = 0
+                continue
+            if new_max != row_max[r]:
+                alpha = exp_nonpositive(row_max[r] - new_max)
+                row_sum[r] *= alpha
+                for e in range(Ev):
+                    acc[r, e] *= alpha
+                row_max[r] = new_max
+            total = dtype(0)
+            for c in range(n):
+                w = exp_nonpositive(scores[r, c] - new_max)
+                scores[r, c] = w
+                total += w
+            row_sum[r] += total
+        _accumulate(scores, R, vbuf, vb, rows.v_pos, n, Ev, acc)
+        j0 = stop
+    for r in range(R):
+        t = t0 + r // group
+        h = g * group + r % group
+        if row_sum[r] > 0 or row_sum[r] != row_sum[r]:
+            inv = dtype(1) / row_sum[r]
+            row_lse = row_max[r] + math.log(row_sum[r])
+        else:  # no key taken part: zeros and -inf
+            inv = dtype(0)
+            row_lse = neg_inf
+        if part >= 0:
+            for e in range(Ev):
+                part_out[part + r, e] = acc[r, e] * inv
+            part_lse[part + r] = row_lse
+        else:
+            base = rows.out_first[b] + t * rows.out_pos + h * rows.out_head
+            for e in range(Ev):
+                out[base + e] = acc[r, e] * inv
+            lse[rows.lse_first[b] + t * rows.lse_pos + h * rows.lse_head] = row_lse
+
+
+@jit
+def _merge_item(m, out, lse, part_out, part_lse, rows):
+    """The exact merge of an item's splits: lse = log sum exp(lse_i), out = sum out_i
+    exp(lse_i - lse); a split that saw no key (lse -inf) counts for nothing."""
+    b, g, t0, t1, part, nsplit = m[0], m[1], m[2], m[3], m[4], m[5]
+    group, Ev = rows.group, rows.Ev
+    R = (t1 - t0) * group
+    for r in range(R):
+        t = t0 + r // group
+        h = g * group + r % group
+        top = part_lse[part + r]
+        for s in range(1, nsplit):
+            top = max(top, part_lse[part + s * R + r])
+        base = rows.out_first[b] + t * rows.out_pos + h * rows.out_head
+        lse_at = rows.lse_first[b] + t * rows.lse_pos + h * rows.lse_head
+        for e in range(Ev):
+            out[base + e] = 0
+        if top == -np.inf:
+            lse[lse_at] = -np.inf
+            continue
+        total = part_lse.dtype.type(0)
+        for s in range(nsplit):
+            total += math.exp(part_lse[part + s * R + r] - top)
+        merged = top + math.log(total)
+        for s in range(nsplit):
+            x = part_lse[part + s * R + r]
+            if x == -np.inf:
+                continue
+            w = math.exp(x - merged)
+            src = part + s * R + r
+            for e in range(Ev):
+                out[base + e] += part_out[src, e] * w
+        lse[lse_at] = merged
+
+
+@parallel_jit
+def attend_rows(qbuf, kbuf, vbuf, out, lse, rows, variants, items, slot_start, max_rows,
+                part_out, part_lse):
+    """Run the work items ``items`` (n, 7: sequence, key/value head, first and end query
+    position, first and end key, partial-row base or -1), thread slot s taking items
+    slot_start[s]:slot_start[s + 1]. ``out`` and ``lse`` are flat views of the outputs,
+    ``qbuf``, ``kbuf``, ``vbuf`` flat views of the inputs (see ``RowsLayout``); an item with a
+    partial-row base writes its rows there instead, for ``merge_rows``."""
+    dtype = qbuf.dtype
+    for slot in prange(slot_start.shape[0] - 1):
+        qs = np.empty((max_rows, rows.E), dtype)
+        scores = np.empty((max_rows, CHUNK), dtype)
+        acc = np.empty((max_rows, rows.Ev), dtype)
+        row_max = np.empty(max_rows, dtype)
+        row_sum = np.empty(max_rows, dtype)
+        for i in range(slot_start[slot], slot_start[slot + 1]):
+            _attend_item(items[i], qbuf, kbuf, vbuf, out, lse, part_out, part_lse, rows,
+                         variants, qs, scores, acc, row_max, row_sum)
+
+
+@parallel_jit
+def merge_rows(out, lse, part_out, part_lse, rows, merges):
+    """Merge the splits of each of ``merges`` (m, 6: sequence, key/value head, first and end
+    query position, partial-row base, number of splits) into ``out`` and ``lse``. (A second
+    parallel region, run only when something was split: launching one costs time.)"""
+    for i in prange(merges.shape[0]):
+        _merge_item(merges[i], out, lse, part_out, part_lse, rows)
