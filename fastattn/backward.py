@@ -20,8 +20,6 @@ BLOCK_K = 96
 # 192 keys +8% and +21% at L=S=4096, +7% causal; -5% to -7% at L=S=1024).
 BLOCK_K_LONG = 192
 LONG_KEYS = 2048
-# The cold compile of the CPU backward kernel (pack_backward with it), in seconds, for the notice.
-COMPILE_SECONDS = 20
 
 
 def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, attn_mask=None,
@@ -134,9 +132,7 @@ def _numba_backward(p: _prepare.AttentionProblem, grad_out, out, lse):
     grad_v = np.empty((n_kv, S, Ev), dtype)
     if N * L == 0 or S == 0:  # nothing attends to anything: no gradient
         return np.zeros_like(grad_q), np.zeros_like(grad_k), np.zeros_like(grad_v)
-    # the compile notice of the numba backend, for this kernel too
-    _numba.COMPILE_SECONDS.setdefault("attention_backward", COMPILE_SECONDS)
-    _numba._kernels()
+    _numba._kernels()  # as every kernel call: the compile notice, the other pools quieted
     cols = tile_cols(dtype.itemsize)
     block_k = BLOCK_K_LONG if S > LONG_KEYS else BLOCK_K
     if BLOCK_Q % math.lcm(kernels.ROWS, cols) or block_k % kernels.ROWS:

@@ -190,9 +190,9 @@ def run_rows(qbuf, kbuf, vbuf, out, lse, rows, variants, blocks, nsplit):
     """Run the row kernel on ``blocks`` into the flat outputs ``out`` and ``lse``."""
     import numba
 
+    from ._numba import _kernels, _lock
     from .kernels.cpu import decode
-    from ._numba import _announce_compiles, _lock
-    _announce_compiles()
+    _kernels()  # as every kernel call: the compile notice, the other pools quieted
     items, slot_start, merges, parts = schedule(blocks, rows.group, nsplit,
                                                 numba.get_num_threads())
     max_rows = max([(it[3] - it[2]) * rows.group for it in items] + [1])

@@ -17,7 +17,6 @@ from fastattn._prepare import NO_LIMIT  # noqa: E402
 
 from conftest import assert_matches_reference  # noqa: E402
 
-BACKENDS_WITH_VARIANTS = "numba"
 
 
 def _inputs(rng, lead, L, S, E=8, Ev=8, kv_lead=None, dtype=np.float32):
@@ -113,8 +112,7 @@ def test_uneven_chunks_cross_attention(rng):
 @pytest.mark.parametrize("L,S", [(40, 100), (100, 40)])
 def test_causal_alignments_and_rows_without_keys(rng, alignment, L, S):
     q, k, v = _inputs(rng, (2,), L, S)
-    out, lse = _check(q, k, v, (13, L - 13), (30, S - 30), is_causal=True, alignment=alignment,
-                      backend=BACKENDS_WITH_VARIANTS)
+    out, lse = _check(q, k, v, (13, L - 13), (30, S - 30), is_causal=True, alignment=alignment)
     if alignment == "bottom_right" and L > S:  # rows with p(i) < 0 see no key
         assert np.all(out[:, :L - S] == 0) and np.all(np.isneginf(lse[:, :L - S]))
 
@@ -123,8 +121,7 @@ def test_causal_alignments_and_rows_without_keys(rng, alignment, L, S):
                                            ((0, 0), False), ((20, None), False)])
 def test_windows(rng, window, causal):
     q, k, v = _inputs(rng, (1, 2), 90, 90)
-    _check(q, k, v, (25, 25, 40), (16, 50, 24), is_causal=causal, window=window,
-           backend=BACKENDS_WITH_VARIANTS)
+    _check(q, k, v, (25, 25, 40), (16, 50, 24), is_causal=causal, window=window)
 
 
 def test_window_pairs_outside_are_never_scheduled(rng):
@@ -159,7 +156,7 @@ def test_gqa_with_window_softcap_alibi(rng):
     q, k, v = _inputs(rng, (2, 4), 70, 70, kv_lead=(2, 2))
     slopes = np.array([0.5, 0.25, 0.125, 0.0625])
     _check(q, k, v, (20, 50), (33, 37), is_causal=True, enable_gqa=True, window=(30, 0),
-           softcap=2.0, alibi_slopes=slopes, backend=BACKENDS_WITH_VARIANTS)
+           softcap=2.0, alibi_slopes=slopes)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(is_causal=True), dict(window=(9, 4)),
@@ -169,7 +166,7 @@ def test_alibi_uses_global_distances(rng, kw):
     # diagonal differently.
     q, k, v = _inputs(rng, (2, 2), 50, 70)
     slopes = np.array([[1.5, 0.3], [0.05, 2.0]])
-    _check(q, k, v, (17, 33), (25, 9, 36), alibi_slopes=slopes, backend=BACKENDS_WITH_VARIANTS,
+    _check(q, k, v, (17, 33), (25, 9, 36), alibi_slopes=slopes,
            **kw)
 
 
@@ -185,7 +182,7 @@ def test_masks(rng, kind):
     _check(q, k, v, (15, 25), (20, 40), mask=mask, is_causal=True)
     _check(q, k, v, (15, 25), (20, 40), mask=da.from_array(mask), is_causal=True)
     _check(q, k, v, (15, 25), (20, 40), mask=mask, window=(10, 3),
-           alibi_slopes=np.array([0.2, 0.7]), backend=BACKENDS_WITH_VARIANTS)
+           alibi_slopes=np.array([0.2, 0.7]))
 
 
 def test_numpy_inputs_are_wrapped_by_the_memory_budget_and_not_written(rng):
@@ -284,7 +281,7 @@ def test_local_cluster_causal_uneven_gqa(client, rng):
 
 def test_local_cluster_window_and_not_causal(client, rng):
     q, k, v = _inputs(rng, (2,), 80, 100)
-    for kw in (dict(window=(12, 5), backend=BACKENDS_WITH_VARIANTS), dict()):
+    for kw in (dict(window=(12, 5)), dict()):
         out = fd.scaled_dot_product_attention(_chunked(q, (30, 50)), _chunked(k, 40),
                                               _chunked(v, 40), **kw)
         kw.pop("backend", None)
