@@ -166,8 +166,7 @@ def test_alibi_uses_global_distances(rng, kw):
     # diagonal differently.
     q, k, v = _inputs(rng, (2, 2), 50, 70)
     slopes = np.array([[1.5, 0.3], [0.05, 2.0]])
-    _check(q, k, v, (17, 33), (25, 9, 36), alibi_slopes=slopes,
-           **kw)
+    _check(q, k, v, (17, 33), (25, 9, 36), alibi_slopes=slopes, **kw)
 
 
 @pytest.mark.parametrize("kind", ["bool", "float", "bool_broadcast_rows"])
