@@ -298,4 +298,7 @@ def attention_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
                             w = math.exp(s[r, c] - mx) * inv
                         out[n, i, j] = w
 
-    return SimpleNamespace(similarity=similarity, attention_weights=attention_weights)
+    # (the tile steps too, for the flex kernel, which shares them)
+    return SimpleNamespace(similarity=similarity, attention_weights=attention_weights,
+                           stage_rows=stage_rows, update_row_stats=update_row_stats,
+                           row_totals=row_totals)

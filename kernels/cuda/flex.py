@@ -17,6 +17,7 @@ import numpy as np
 from numba import cuda  # the name must stay `cuda`: the simulator swaps it in these globals
 
 from ._common import Tiles, _device
+from .attention import attention_kernels
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -43,23 +44,14 @@ def flex_kernels(tiles: Tiles, compute: np.dtype, score_mod=None, mask_mod=None)
     ct = np.dtype(compute).type
     zero, one, neg_inf = ct(0), ct(1), ct(-np.inf)
     u, i64 = np.uint64, np.int64
-    uTX, uCH, uBV, uNT = u(TX), u(CH), u(BV), u(NT)
+    uTX, uBV, uNT = u(TX), u(BV), u(NT)
     uBQCH, uBKCH, uCHBV = u(BQ * CH), u(BK * CH), u(CH * BV)
+    # The tile steps that do not depend on the user's functions are the fused kernel's own.
+    shared = attention_kernels(tiles, compute)
+    stage_rows, update_row_stats, row_totals = (shared.stage_rows, shared.update_row_stats,
+                                                shared.row_totals)
     user_score = cuda.jit(device=True)(getattr(score_mod, "py_func", score_mod) or _keep_score)
     user_mask = cuda.jit(device=True)(getattr(mask_mod, "py_func", mask_mod) or _keep_key)
-
-    @_device
-    def stage_rows(x, base, rs, cs, n_rows, row0, d0, E, sX, size, tid):
-        """sX[d, i] = x[row0 + i, d0 + d] (0 past the ends)."""
-        idx = tid
-        while idx < size:
-            i = i64(idx // uCH)
-            d = i64(idx % uCH)
-            val = zero
-            if row0 + i < n_rows and d0 + d < E:
-                val = ct(x[u(base + (row0 + i) * rs + (d0 + d) * cs)])
-            sX[idx % uCH, idx // uCH] = val
-            idx += uNT
 
     @_device
     def score_tile(a, a_base, a_rs, a_cs, La, b, b_base, b_rs, b_cs, Lb, E, i0, j0, sA, sB, s,
@@ -109,47 +101,6 @@ def flex_kernels(tiles: Tiles, compute: np.dtype, score_mod=None, mask_mod=None)
                         if kind == PARTIAL and not user_mask(b, h, i, j, *args):
                             x = neg_inf
                 s[r, c] = x
-
-    @_device
-    def update_row_stats(s, row_max, row_sum, alpha, sRed, ty, tx):
-        """Online softmax over a tile (as ``attention``)."""
-        for r in range(TM):
-            mx = neg_inf
-            for c in range(TN):
-                mx = max(mx, s[r, c])
-            sRed[ty + u(r * TY), tx] = mx
-        cuda.syncthreads()
-        for r in range(TM):
-            new_max = row_max[r]
-            for t in range(TX):
-                new_max = max(new_max, sRed[ty + u(r * TY), u(t)])
-            if new_max == neg_inf:
-                alpha[r] = one
-                for c in range(TN):
-                    x = s[r, c]
-                    s[r, c] = x - x if x != neg_inf else zero
-            else:
-                alpha[r] = math.exp(row_max[r] - new_max)
-                for c in range(TN):
-                    s[r, c] = math.exp(s[r, c] - new_max)
-            tile_sum = zero
-            for c in range(TN):
-                tile_sum += s[r, c]
-            row_sum[r] = row_sum[r] * alpha[r] + tile_sum
-            row_max[r] = new_max
-
-    @_device
-    def row_totals(row_sum, total, sRed, ty, tx):
-        cuda.syncthreads()
-        for r in range(TM):
-            sRed[ty + u(r * TY), tx] = row_sum[r]
-        cuda.syncthreads()
-        for r in range(TM):
-            t_sum = zero
-            for t in range(TX):
-                t_sum += sRed[ty + u(r * TY), u(t)]
-            total[r] = t_sum
-        cuda.syncthreads()
 
     @cuda.jit
     def attention(q, q_outer, q_rs, q_cs, k, k_outer, k_rs, k_cs, v, v_outer, v_rs, v_cs, N,
