@@ -152,8 +152,8 @@ def openblas_pools() -> list:
 def quiet_other_pools() -> bool:
     """Stop OpenBLAS's workers spinning before a fastattn kernel takes every core.
 
-    Only while this is the process's one Python thread: OpenBLAS's shutdown must not meet a
-    product in progress on another thread (NumPy runs its products without the GIL; this call
+    Only while this is the process's one Python thread (fastattn's own idle workers aside):
+    OpenBLAS's shutdown must not meet a product in progress on another thread (NumPy runs its products without the GIL; this call
     holds it, so no new one starts). Returns whether it was done.
     """
     if not ENABLED:
@@ -161,7 +161,10 @@ def quiet_other_pools() -> bool:
     pools = openblas_pools()
     if not pools:
         return False
-    if len(sys._current_frames()) > 1:
+    # fastattn's own worker threads (flex's pool, named "fastattn...") never run a BLAS product.
+    own = sum(1 for t in threading.enumerate()
+              if t.name.startswith("fastattn") and t is not threading.current_thread())
+    if len(sys._current_frames()) - own > 1:
         _state["skipped_threads"] += 1
         return False
     with _pools_lock:

@@ -78,11 +78,16 @@ def check(dtype, q, k, v, mask=None, fastattn_options=None, torch_fn=torch_sdpa,
     plain = run(torch_fn, tq, tk, tv, torch_mask, grad_out, **kw)
     got = run(lambda *a, **k_: ft.scaled_dot_product_attention(*a, **k_, **(fastattn_options or {})),
               tq, tk, tv, tmask, grad_out, **kw)
-    for what, g, e, p, factor in zip(("out", "grad query", "grad key", "grad value"),
-                                     got, exact, plain, (2, 3, 3, 3)):
+    # The accuracy rule's plain computation is NumPy's in the same dtype (fastattn's numpy
+    # backend); PyTorch's own error in that dtype is the baseline where it is the larger.
+    numpy_options = dict(fastattn_options or {}, backend="numpy")
+    numpy_plain = run(lambda *a, **k_: ft.scaled_dot_product_attention(*a, **k_, **numpy_options),
+                      tq, tk, tv, tmask, grad_out, **kw)
+    for what, g, e, p, n, factor in zip(("out", "grad query", "grad key", "grad value"),
+                                        got, exact, plain, numpy_plain, (2, 3, 3, 3)):
         assert g.dtype == dtype and g.shape == e.shape, (what, g.dtype, g.shape, e.shape)
-        err, plain_err = max_err(g, e), max_err(p, e)
-        assert err <= factor * plain_err + 1e-6, f"{what}: error {err:.3g} vs PyTorch's {plain_err:.3g}"
+        err, plain_err = max_err(g, e), max(max_err(p, e), max_err(n, e))
+        assert err <= factor * plain_err + 1e-6, f"{what}: error {err:.3g} vs plain {plain_err:.3g}"
 
 
 # --- every case of the parity suite, float32 and bfloat16 -----------------------------------------
