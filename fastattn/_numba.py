@@ -38,7 +38,7 @@ def _kernels():
 
 # What a user waits for when a kernel compiles (measured on a 2-core Zen 3; see the README's "JIT
 # cost"), said once per kernel and dtype, and only when Numba's cache does not have it.
-COMPILE_SECONDS = {"attention": 15, "attention_weights": 3, "softmax": 2, "similarity": 2,
+COMPILE_SECONDS = {"attention": 17, "attention_weights": 3, "softmax": 2, "similarity": 2,
                    "attention_backward": 20, "attend_rows": 20, "merge_rows": 3, "linear": 3}
 _announced = set()
 
