@@ -2,9 +2,13 @@
 
     c[r, :COLS] (= or +=) sum over d < depth of a[r, d] * b[d, :COLS]     for r < ROWS
 
-with ROWS = 6 rows and COLS = two 32-byte vectors (16 float32 or 8 float64): the 12 partial sums
-stay in vector registers for the whole depth, and each step loads two vectors of ``b`` and six
-scalars of ``a`` for twelve fused multiply-adds (the shape of the classic AVX2 gemm micro-kernel).
+with ROWS = 6 rows and COLS = two vectors: the 12 partial sums stay in vector registers for the
+whole depth, and each step loads two vectors of ``b`` and six scalars of ``a`` for twelve fused
+multiply-adds (the shape of the classic gemm micro-kernel). A vector is one register of the
+machine Numba compiles for: 64 bytes where it has AVX-512 (COLS = 32 float32 or 16 float64), else
+32 bytes, AVX2's (16 or 8). Measured on a 2-core Xeon with AVX-512, one thread: the 64-byte tile
+ran at 86-107 GFLOP/s against 53-57 for the 32-byte one (OpenBLAS's sgemm: 92 per core), and
+the whole attention kernel 1.4-1.9x faster.
 Numba cannot express a value that lives in a vector register, and LLVM does not keep arrays in
 registers across a loop, so plain loops reach about half of the machine's peak; OpenBLAS, called
 on small blocks, pays for packing them on every call.
@@ -20,7 +24,37 @@ from numba.extending import intrinsic, register_jitable
 
 ROWS = 6
 VECTORS = 2           # vectors per row of the tile
-VECTOR_BYTES = 32     # one AVX2 register; on other machines LLVM splits or joins them
+
+# CPUs whose names (NUMBA_CPU_NAME) LLVM gives AVX-512; for the host, its own feature list says.
+_AVX512_CPUS = ("skylake-avx512", "cascadelake", "cooperlake", "cannonlake", "icelake-client",
+                "icelake-server", "tigerlake", "rocketlake", "sapphirerapids", "emeraldrapids",
+                "graniterapids", "graniterapids-d", "diamondrapids", "znver4", "znver5",
+                "x86-64-v4")
+
+
+def vector_bytes() -> int:
+    """The width of one vector register of the CPU Numba compiles for: 64 with AVX-512, else 32.
+
+    It follows Numba's own choice of target (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES, else the host),
+    which is also part of the key of Numba's on-disk cache: a kernel cached for one width is never
+    loaded for the other.
+    """
+    from numba.core import config
+    features = config.CPU_FEATURES
+    name = config.CPU_NAME
+    if features is not None:
+        return 64 if "+avx512f" in features.split(",") else 32
+    if name is not None and name != "host":
+        return 64 if name in _AVX512_CPUS else 32
+    import llvmlite.binding as llvm
+    try:
+        host = llvm.get_host_cpu_features()
+    except RuntimeError:  # (no feature list on this platform: LLVM splits wider vectors anyway)
+        return 32
+    return 64 if host.get("avx512f", False) else 32
+
+
+VECTOR_BYTES = vector_bytes()
 
 
 @register_jitable
