@@ -3,12 +3,17 @@
 Parity tests already cover them through the public API; these pin each one down on its own,
 including the inputs the API rarely produces (offsets, strides, depth 0, the whole exp range).
 """
+import os
+import subprocess
+import sys
+
 import numba
 import numpy as np
 import pytest
 
 from fastattn.kernels.cpu._jit import exp_nonpositive
-from fastattn.kernels.cpu.tile import ROWS, tile_cols, tile_product, tile_product_add, tile_width
+from fastattn.kernels.cpu.tile import (ROWS, VECTOR_BYTES, tile_cols, tile_product, tile_product_add,
+                                      tile_width, vector_bytes)
 
 
 @numba.njit
@@ -95,8 +100,59 @@ def _tile_width(a):
     return tile_width(a)
 
 
-@pytest.mark.parametrize("dtype, cols", [(np.float32, 16), (np.float64, 8)])
-def test_tile_width_is_the_tile_columns_of_the_dtype(dtype, cols):
+@pytest.mark.parametrize("dtype, lanes", [(np.float32, 16), (np.float64, 8)])
+def test_tile_width_is_the_tile_columns_of_the_dtype(dtype, lanes):
+    # two vectors of the target's width: 16 float32 with AVX2's 32 bytes, 32 with AVX-512's 64
+    cols = lanes * VECTOR_BYTES // 32
     a = np.zeros(3, dtype)
     assert tile_cols(a.itemsize) == cols
     assert _tile_width(a) == cols  # in compiled code, as a constant
+
+
+def _vector_bytes_for(env: dict) -> int:
+    code = "from fastattn.kernels.cpu.tile import VECTOR_BYTES; print(VECTOR_BYTES)"
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
+                          capture_output=True, text=True, check=True)
+    return int(done.stdout)
+
+
+def test_the_tile_width_follows_numbas_target():
+    """64-byte vectors only where Numba compiles for AVX-512, so a kernel never runs wider vectors
+    than its CPU has (and Numba's cache, keyed by the target, keeps the two apart)."""
+    import llvmlite.binding as llvm
+    host = 64 if llvm.get_host_cpu_features().get("avx512f", False) else 32
+    assert vector_bytes() == VECTOR_BYTES
+    if "NUMBA_CPU_NAME" not in os.environ and "NUMBA_CPU_FEATURES" not in os.environ:
+        assert VECTOR_BYTES == host
+    assert _vector_bytes_for({"NUMBA_CPU_NAME": "haswell"}) == 32
+    assert _vector_bytes_for({"NUMBA_CPU_NAME": "znver3"}) == 32
+    if host == 64:  # (a target the CPU lacks could not run)
+        assert _vector_bytes_for({"NUMBA_CPU_NAME": "skylake-avx512"}) == 64
+
+
+_AVX2_RUN = """
+import numpy as np, fastattn
+from fastattn import reference
+from fastattn.kernels.cpu.tile import VECTOR_BYTES
+assert VECTOR_BYTES == 32, VECTOR_BYTES
+rng = np.random.default_rng(0)
+for dtype, tol in ((np.float32, 2e-5), (np.float64, 1e-12)):
+    q, k, v = (rng.standard_normal((1, 2, n, 24)).astype(dtype) for n in (45, 70, 70))
+    for opts in ({"is_causal": True}, {"window": (20, 3), "softcap": 5.0}):
+        out, lse = fastattn.scaled_dot_product_attention(q, k, v, return_lse=True, **opts)
+        ref, ref_lse = reference.scaled_dot_product_attention(
+            *(x.astype(np.float64) for x in (q, k, v)), return_lse=True, **opts)
+        assert np.abs(out - ref).max() < tol, (dtype, opts, np.abs(out - ref).max())
+        assert np.abs(lse - ref_lse).max() < tol, (dtype, opts)
+print("ok")
+"""
+
+
+def test_the_avx2_tile_on_any_machine(tmp_path):
+    """The 32-byte tile is what AVX2 machines (and the AMD CI kind) run: test it here too, compiled
+    for Haswell in a fresh process with its own cache."""
+    done = subprocess.run([sys.executable, "-c", _AVX2_RUN], capture_output=True, text=True,
+                          env={**os.environ, "NUMBA_CPU_NAME": "haswell",
+                               "NUMBA_CACHE_DIR": str(tmp_path)}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")
