@@ -147,11 +147,22 @@ def test_reference_backward_of_a_zero_query_with_cosine_is_zero():
 BACKENDS = [b for b in ("numpy", "numba") if b in fastattn.backends()]
 
 
+def _small_block_q() -> int:
+    """The smallest query block the CPU kernel takes: whole register tiles of rows and columns
+    (48 with AVX2's tile, 96 with AVX-512's)."""
+    import math
+    from fastattn.kernels.cpu.tile import ROWS, tile_cols
+    return math.lcm(ROWS, tile_cols(4))
+
+
+_SMALL_BLOCK_Q = _small_block_q()
+
+
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks of the CPU kernel small enough that the tiny cases span several of them."""
     from fastattn import backward
-    monkeypatch.setattr(backward, "BLOCK_Q", 48)
+    monkeypatch.setattr(backward, "BLOCK_Q", _SMALL_BLOCK_Q)
     monkeypatch.setattr(backward, "BLOCK_K", 12)
 
 
@@ -214,7 +225,7 @@ def test_numba_backward_with_long_key_blocks(monkeypatch):
     from fastattn import backward
     monkeypatch.setattr(backward, "LONG_KEYS", 20)
     monkeypatch.setattr(backward, "BLOCK_K_LONG", 18)
-    monkeypatch.setattr(backward, "BLOCK_Q", 48)
+    monkeypatch.setattr(backward, "BLOCK_Q", _SMALL_BLOCK_Q)
     rng = np.random.default_rng(12)
     q, k, v, kwargs = make_case(rng, ("long", ((1, 4), 53, 61, 8, 8, 2),
                                       dict(is_causal=True, window=(30, None))), np.float64)
