@@ -37,7 +37,8 @@ __all__ = ["flex_attention", "create_block_mask", "BlockMask", "and_masks", "or_
 
 EMPTY, PARTIAL, FULL = 0, 1, 2  # block kinds, as kernels/cpu/flex.py
 # Rows x keys per block of a block mask (PyTorch's default too). Keys per block must be a
-# multiple of the CPU kernel's tile width (16 float32 values).
+# multiple of 16 (AVX2's float32 tile width; the kernel takes them on a machine with AVX-512's
+# 32 too), so that a block mask works on every machine.
 BLOCK_SIZE = (128, 128)
 KEY_BLOCK_MULTIPLE = 16
 # Without a mask: query rows per work item and keys per block of the plain fused kernel.

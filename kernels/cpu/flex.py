@@ -128,8 +128,8 @@ def attention_kernel(score_mod, mask_mod, fingerprint=None):
     (item = flattened query head n * query blocks + query block): out (N, L, Ev) and lse (N, L)
     of those rows. ``kinds`` (B or 1, H or 1, query blocks, key blocks) int8 are the block kinds;
     query head n is batch n // heads, head n % heads, and reads key/value head n // group from
-    ``key_panels`` and ``value_panels`` (laid out by ``pack_panels``). ``block_k`` is a multiple
-    of the tile's columns. ``args`` is the tuple passed to both functions after the indices.
+    ``key_panels`` and ``value_panels`` (laid out by ``pack_panels``). ``block_k`` need not be a
+    multiple of the tile's columns (16 or 32 float32 keys). ``args`` is the tuple passed to both functions after the indices.
     """
     score_mod = _jitted(score_mod, keep_score)
     mask_mod = _jitted(mask_mod, keep_key)
@@ -145,7 +145,8 @@ def attention_kernel(score_mod, mask_mod, fingerprint=None):
         cols = tile_width(q)
         ev_padded = -(-Ev // cols) * cols
         run_blocks = max(1, RUN_KEYS // block_k)
-        keys_padded = -(-(run_blocks * block_k) // cols) * cols
+        # (a run starts up to a tile before its first key: see base below)
+        keys_padded = -(-(run_blocks * block_k + cols) // cols) * cols
         bq = q1 - q0
         rows_padded = -(-bq // GROUP) * GROUP
         q_block = np.zeros((rows_padded, E), dtype)
@@ -169,7 +170,10 @@ def attention_kernel(score_mod, mask_mod, fingerprint=None):
             while kb < n_blocks and kb - first < run_blocks and kinds[kb] != EMPTY:
                 kb += 1
             k0 = first * block_k
-            keys = min(kb * block_k, S) - k0
+            # The key panels hold tiles of cols keys: a run starts on the tile that holds its
+            # first key, and the keys before k0 (not in [lo, hi) below) are never used.
+            base = k0 - k0 % cols
+            keys = min(kb * block_k, S) - base
             for r0 in range(0, bq, GROUP):
                 rows = min(GROUP, bq - r0)
                 # mask_mod on the partial blocks first: the span [lo, hi) of keys that any row
@@ -178,7 +182,7 @@ def attention_kernel(score_mod, mask_mod, fingerprint=None):
                 lo = keys
                 hi = 0
                 for sub in range(first, kb):
-                    j0 = sub * block_k - k0
+                    j0 = sub * block_k - base
                     j1 = min(j0 + block_k, keys)
                     if kinds[sub] == FULL:
                         lo = min(lo, j0)
@@ -189,7 +193,7 @@ def attention_kernel(score_mod, mask_mod, fingerprint=None):
                         flags = keep[i * keys_padded:(i + 1) * keys_padded]
                         any_kept = False
                         for j in range(j0, j1):
-                            kept = mask_mod(b, h, query, k0 + j, *args)
+                            kept = mask_mod(b, h, query, base + j, *args)
                             flags[j] = kept
                             any_kept |= kept
                         if any_kept:
@@ -206,18 +210,18 @@ def attention_kernel(score_mod, mask_mod, fingerprint=None):
                 for panel in range(lo // cols, -(-hi // cols)):
                     for t0 in range(0, rows, ROWS):
                         tile_product(q_flat, (r0 + t0) * E, E, key_panels,
-                                     (k0 // cols + panel) * E * cols, cols, scores,
+                                     (base // cols + panel) * E * cols, cols, scores,
                                      t0 * keys_padded + panel * cols, keys_padded, E)
                 for i in range(rows):
                     row = scores[i * keys_padded + lo:i * keys_padded + hi]
                     query = q0 + r0 + i
                     for j in range(hi - lo):
-                        row[j] = score_mod(row[j], b, h, query, k0 + lo + j, *args)
+                        row[j] = score_mod(row[j], b, h, query, base + lo + j, *args)
                     flags = keep[i * keys_padded:(i + 1) * keys_padded]
                     for sub in range(first, kb):
                         if kinds[sub] == PARTIAL:
-                            j0 = max(sub * block_k - k0, lo)
-                            j1 = min((sub + 1) * block_k - k0, hi)
+                            j0 = max(sub * block_k - base, lo)
+                            j1 = min((sub + 1) * block_k - base, hi)
                             for j in range(j0, j1):
                                 if not flags[j]:
                                     row[j - lo] = -np.inf
@@ -225,7 +229,7 @@ def attention_kernel(score_mod, mask_mod, fingerprint=None):
                 for c0 in range(0, ev_padded, cols):
                     for t0 in range(0, rows, ROWS):
                         tile_product_add(scores, t0 * keys_padded + lo, keys_padded,
-                                         value_panels, c0 * S + (k0 + lo) * cols, cols,
+                                         value_panels, c0 * S + (base + lo) * cols, cols,
                                          acc_flat, (r0 + t0) * ev_padded + c0, ev_padded,
                                          hi - lo)
         for i in range(bq):
