@@ -21,11 +21,13 @@ from ._cuda import _SIMULATOR, DeviceInput, _as_device_array, _block_v, _operand
 from .kernels import cuda as kernels
 from .kernels.cuda.decode import LAYOUT, decode_kernels
 
-# float32: 8 x 16 threads, each owning 2 query rows (16 rows: a GQA group of up to 16 heads, or
-# several query positions) x 4 keys of a 64-key tile and 2 rows x 8 output columns; 19 KiB of
-# shared memory. float64 halves the key tile and the staged features.
+# float32: 8 x 16 threads, each owning 1 query row (8 rows: a GQA group of up to 8 heads, or
+# several query positions) x 4 keys of a 64-key tile and 8 output columns; 15 KiB of shared
+# memory; registers capped at 96 for 5 blocks (20 warps) per SM (at 80 or 64 the compiler
+# spills). float64: 16 rows (2 per thread), half the key tile and the staged features, 128
+# registers for 4 blocks (16 warps) per SM (bench/cuda_compile_check.py reports them).
 GPU_TILES = {
-    np.dtype(np.float32): kernels.Tiles(block_q=16, block_k=64, rows_per_thread=2,
+    np.dtype(np.float32): kernels.Tiles(block_q=8, block_k=64, rows_per_thread=1,
                                         threads_per_row=16, chunk=16, block_v=128),
     np.dtype(np.float64): kernels.Tiles(block_q=16, block_k=32, rows_per_thread=2,
                                         threads_per_row=16, chunk=8, block_v=128),
@@ -39,6 +41,8 @@ if _SIMULATOR:  # simulated threads are Python threads: small blocks keep simula
 # device's properties, so that results do not depend on the device.
 MIN_ITEMS = 264
 MIN_SPLIT_KEYS = 256
+# The row kernel's launch bound: blocks per SM its registers must allow.
+MIN_BLOCKS = {np.dtype(np.float32): 5, np.dtype(np.float64): 4}
 
 
 def _tiles(dtype, Ev: int) -> kernels.Tiles:
@@ -100,7 +104,7 @@ def _split(blocks, nsplit):
 
 def _run(tiles, dtype, opq, opk, opv, table, seq, layout, alibi, scale, softcap, blocks,
          nsplit, out, lse):
-    ks = decode_kernels(tiles, dtype)
+    ks = decode_kernels(tiles, dtype, MIN_BLOCKS[dtype])
     items, merges, parts = _split(blocks, nsplit)
     if not len(items):
         return
@@ -134,7 +138,7 @@ def _window(left, right, far):
 
 def _append_on_device(a, tiles, dtype, caches):
     """Write k and v into the device caches at each row's positions old .. old + Lq - 1."""
-    copy_rows = decode_kernels(tiles, dtype).copy_rows
+    copy_rows = decode_kernels(tiles, dtype, MIN_BLOCKS[dtype]).copy_rows
     B, Hkv, Lq = a.B, a.Hkv, a.Lq
     b, h, t = (x.reshape(-1) for x in np.meshgrid(np.arange(B), np.arange(Hkv), np.arange(Lq),
                                                   indexing="ij"))

@@ -1,9 +1,10 @@
 """Decoding from a KV cache: one step of generation (or a chunk of prefill) against the keys and
 values cached so far, contiguous or paged, with the new keys and values appended in place.
 
-The CPU kernel (``kernels/cpu/decode.py``, and on GPUs ``kernels/cuda/decode.py``) reads the caches where they lie and each key and value
-row once for all the query heads of its group; long caches are split across the threads
-(flash-decoding) and the splits merged exactly, as :func:`fastattn.merge_attention` does.
+The kernels (``kernels/cpu/decode.py``; on GPUs ``kernels/cuda/decode.py``, see
+``fastattn._cuda_decode``) read the caches where they lie and each key and value row once for
+all the query heads of its group; long caches are split across the threads (flash-decoding) and
+the splits merged exactly, as :func:`fastattn.merge_attention` does.
 """
 from __future__ import annotations
 

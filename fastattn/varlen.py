@@ -6,7 +6,9 @@ in rows cu_seqlens[b]:cu_seqlens[b + 1]. The CPU kernel (``kernels/cpu/decode.py
 kernel decoding also runs on) reads the packed arrays in place, strided per head; its work items,
 (sequence, key/value head, block of query positions), are dealt to the threads by cost, so one
 long sequence among short ones keeps every thread busy, and the cost is in proportion to the
-sum of L_b * S_b (and less with causal attention or a window).
+sum of L_b * S_b (and less with causal attention or a window). On GPUs
+(``fastattn._cuda_decode``) the same work items of every sequence run in one launch of
+``kernels/cuda/decode.py``'s row kernel, the longest first.
 """
 from __future__ import annotations
 

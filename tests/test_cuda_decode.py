@@ -291,3 +291,16 @@ def test_varlen_cross_attention_variants_on_device(rng):
     assert _backends.is_device_array(out)
     assert_matches_reference((out.copy_to_host(), lse.copy_to_host()),
                              _varlen_reference(cu_q, cu_k, **options), q, k, v)
+
+
+def test_the_gpu_tiles(rng, monkeypatch):
+    # The tiles the GPU runs (one row per thread in float32, 16 threads per row, 64-key tiles),
+    # on one work item: a GQA group of 4 heads over 70 keys, two key tiles, the second partial.
+    monkeypatch.setattr(_cuda_decode, "TILES", _cuda_decode.GPU_TILES)
+    dtype = np.float32
+    q = rng.standard_normal((1, 4, 1, 16)).astype(dtype)
+    k_cache = rng.standard_normal((1, 1, 80, 16)).astype(dtype)
+    v_cache = rng.standard_normal((1, 1, 80, 16)).astype(dtype)
+    got = fastattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=70, return_lse=True,
+                                          softcap=4.0, backend="cuda")
+    assert_matches_reference(got, _reference(70, softcap=4.0), q, k_cache, v_cache, None, None)

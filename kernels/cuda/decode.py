@@ -31,7 +31,7 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda  # the name must stay `cuda`: the simulator swaps it in these globals
 
-from ._common import Tiles
+from ._common import _SIMULATOR, Tiles
 from .attention import attention_kernels
 
 # seq columns
@@ -46,10 +46,19 @@ ITEM_COLUMNS = 7
 MERGE_COLUMNS = 6
 
 
+def _kernel(threads: int, min_blocks: int):
+    # The simulator's jit takes no launch bounds.
+    if _SIMULATOR:
+        return cuda.jit
+    return cuda.jit(launch_bounds=(threads, min_blocks))
+
+
 @functools.lru_cache(maxsize=None)
-def decode_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
+def decode_kernels(tiles: Tiles, compute: np.dtype, min_blocks: int = 1) -> SimpleNamespace:
     """The ``attend`` (work items), ``merge`` (split partials) and ``copy_rows`` (the append of
-    new keys and values into a cache) kernels for ``tiles``, computing in ``compute``."""
+    new keys and values into a cache) kernels for ``tiles``, computing in ``compute``;
+    ``attend``'s registers capped so that ``min_blocks`` blocks fit on an SM (decoding is bound
+    by memory: many warps in flight hide its latency)."""
     tiles.check(np.dtype(compute).itemsize)
     BQ, BK, TM, TX, CH, BV = tiles
     TY = BQ // TM
@@ -66,7 +75,7 @@ def decode_kernels(tiles: Tiles, compute: np.dtype) -> SimpleNamespace:
     stage_rows, update_row_stats, row_totals = (shared.stage_rows, shared.update_row_stats,
                                                 shared.row_totals)
 
-    @cuda.jit
+    @_kernel(NT, min_blocks)
     def attend(q, k, v, table, seq, layout, alibi, items, scale, softcap, use_alibi, out, lse,
                part_out, part_lse):
         """Work item ``blockIdx.x`` of ``items``, output columns from ``blockIdx.y * BV``.
