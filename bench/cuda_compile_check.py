@@ -4,6 +4,7 @@ what the compiler made of each.
     python bench/cuda_compile_check.py              # all kernels and dtypes (a few minutes)
     python bench/cuda_compile_check.py --quick      # the fused attention kernel, two variants
     python bench/cuda_compile_check.py --sass DIR   # also write each kernel's SASS into DIR
+    python bench/cuda_compile_check.py --only decode  # the kernels whose name has "decode"
 
 The CUDA simulator runs the kernels as Python, so it never type-checks them: a kernel can pass
 every simulator test and still fail to compile for a GPU, or compile into slow code. This
@@ -134,6 +135,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sass", metavar="DIR", help="write each kernel's SASS into DIR")
+    parser.add_argument("--only", metavar="TEXT", help="compile only the kernels whose name has "
+                        "TEXT")
     args = parser.parse_args(argv)
     toolkit = find_toolkit()
     if toolkit is None:
@@ -179,6 +182,8 @@ def main(argv=None):
     tmp = tempfile.mkdtemp()
 
     def compile_one(name, kernel, sig, compute, threads, fused=False):
+        if args.only and args.only not in name:
+            return
         t0 = time.perf_counter()
         problems = []
         try:
@@ -276,6 +281,22 @@ def main(argv=None):
                     (arr(store, 1), arr(i64, 1), i64, i64, arr(boolean, 1), arr(i64, 1), i64,
                      i64, boolean, i64, i64, i64, arr(store, 1), arr(i64, 1), i64, i64), compute,
                     _cuda.SOFTMAX_TILES.threads)
+        # decoding from a KV cache and varlen (kernels/cuda/decode.py) at the tiles
+        # _cuda_decode picks for Ev = 128 (one value column block)
+        from fastattn import _cuda_decode
+        tiles = _cuda_decode._tiles(dtype, 128)
+        dk = kernels.decode_kernels(tiles, dtype, _cuda_decode.MIN_BLOCKS[dtype])
+        ints1, ints2 = arr(i64, 1), T.Array(i64, 2, "C")
+        compile_one(f"decode attend {store}", dk.attend,
+                    (arr(store, 1), arr(store, 1), arr(store, 1), ints2, ints2, ints1,
+                     arr(ct, 1), ints2, ct, ct, boolean, arr(store, 1), arr(ct, 1),
+                     T.Array(ct, 2, "C"), arr(ct, 1)), compute, tiles.threads)
+        compile_one(f"decode merge {store}", dk.merge,
+                    (T.Array(ct, 2, "C"), arr(ct, 1), ints2, ints2, ints1, arr(store, 1),
+                     arr(ct, 1)), compute, tiles.threads)
+        compile_one(f"decode copy_rows {store}", dk.copy_rows,
+                    (arr(store, 1), ints1, i64, arr(store, 1), ints1, i64, i64), compute,
+                    tiles.threads)
     print(f"{len(failures)} failed" + (": " + ", ".join(failures) if failures else ""))
     return 1 if failures else 0
 

@@ -542,10 +542,15 @@ class KVCacheArgs:
 
 
 def _cache_array(x, name: str, writes: bool):
-    if is_numba_device_array(x) or (hasattr(x, "__cuda_array_interface__")
-                                    and not isinstance(x, np.ndarray)):
-        raise TypeError(f"{name} is a GPU array; attention_with_kvcache takes NumPy caches "
-                        f"(the CUDA backend has no decode kernel yet)")
+    if is_numba_device_array(x):  # (the cuda backend's; written on the device)
+        check_float_dtype(x.dtype, name)
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have 4 dims, (B, Hkv, S_max, E) or paged (num_blocks, "
+                             f"Hkv, block_size, E), got shape {tuple(x.shape)}")
+        return x
+    if hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} is a GPU array; use backend='cuda' or 'auto' for device "
+                        f"arrays")
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a NumPy array (the cache is written in place), got "
                         f"{type(x).__name__}")
@@ -697,12 +702,9 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal, alignment, scal
     arrays = [check_float_array(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v"))]
     q, k, v = arrays
     for name, arr in zip("qkv", arrays):
-        if is_numba_device_array(arr):
-            raise TypeError(f"{name} is a GPU array; varlen_attention takes NumPy arrays (the "
-                            f"CUDA backend has no varlen kernel yet)")
         if arr.ndim != 3:
             raise ValueError(f"{name} must be packed as (total, heads, features), got shape "
-                             f"{arr.shape}")
+                             f"{tuple(arr.shape)}")
     if len({a.dtype for a in arrays}) != 1:
         raise TypeError(f"q, k and v must have the same dtype, got q {q.dtype}, k {k.dtype}, "
                         f"v {v.dtype}")

@@ -1,9 +1,10 @@
 """Decoding from a KV cache: one step of generation (or a chunk of prefill) against the keys and
 values cached so far, contiguous or paged, with the new keys and values appended in place.
 
-The CPU kernel (``kernels/cpu/decode.py``) reads the caches where they lie and each key and value
-row once for all the query heads of its group; long caches are split across the threads
-(flash-decoding) and the splits merged exactly, as :func:`fastattn.merge_attention` does.
+The kernels (``kernels/cpu/decode.py``; on GPUs ``kernels/cuda/decode.py``, see
+``fastattn._cuda_decode``) read the caches where they lie and each key and value row once for
+all the query heads of its group; long caches are split across the threads (flash-decoding) and
+the splits merged exactly, as :func:`fastattn.merge_attention` does.
 """
 from __future__ import annotations
 
@@ -54,8 +55,9 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         return_lse: also return the log-sum-exp, (B, Hq, Lq).
         num_splits: split each row's keys into this many ranges, one work item each, merged
             exactly (default: split only when B * Hkv is small and the cache long).
-        backend: ``"auto"`` (``"numba"``), ``"numba"`` or ``"numpy"``; ``"cuda"`` has no decode
-            kernel yet and raises.
+        backend: ``"auto"`` (``"cuda"`` for device arrays, else ``"numba"``), ``"numba"``,
+            ``"numpy"`` or ``"cuda"`` (device caches are read and written on the device; NumPy
+            ones are copied in, the new rows written into the user's caches).
 
     Returns:
         out (B, Hq, Lq, Ev) in q's dtype, or ``(out, lse)``. A query row that sees no key (an
@@ -71,7 +73,13 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         >>> bool(np.allclose(out, np.repeat(v[:, :2], 2, axis=1)))  # one key: its value
         True
     """
-    name = _resolve(backend, q, k_cache, v_cache, k, v)
+    name = _backends.resolve(backend, q, k_cache, v_cache, k, v)
+    if name == "cuda":
+        from . import _cuda_decode
+        out, lse = _cuda_decode.attention_with_kvcache(
+            q, k_cache, v_cache, k, v, cache_seqlens, block_table, is_causal, scale, window,
+            softcap, alibi_slopes, num_splits)
+        return (out, lse) if return_lse else out
     a = _prepare.check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table,
                                is_causal, scale, window, softcap, alibi_slopes, num_splits)
     if a.k is not None:
@@ -82,18 +90,6 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         out, lse = _numba_decode(a, num_splits)
     out = out if out.dtype == a.in_dtype else out.astype(a.in_dtype)
     return (out, lse) if return_lse else out
-
-
-def _resolve(backend, *arrays) -> str:
-    if backend == "cuda":
-        raise _backends.BackendUnavailableError(
-            "attention_with_kvcache has no CUDA kernel yet; use backend='numba' or 'numpy' with "
-            "NumPy caches")
-    name = _backends.resolve(backend, *arrays)
-    if name == "cuda":  # "auto" with GPU arrays
-        raise _backends.BackendUnavailableError(
-            "attention_with_kvcache has no CUDA kernel yet: pass NumPy arrays (backend 'numba')")
-    return name
 
 
 def _append(a: _prepare.KVCacheArgs) -> None:

@@ -6,14 +6,16 @@ in rows cu_seqlens[b]:cu_seqlens[b + 1]. The CPU kernel (``kernels/cpu/decode.py
 kernel decoding also runs on) reads the packed arrays in place, strided per head; its work items,
 (sequence, key/value head, block of query positions), are dealt to the threads by cost, so one
 long sequence among short ones keeps every thread busy, and the cost is in proportion to the
-sum of L_b * S_b (and less with causal attention or a window).
+sum of L_b * S_b (and less with causal attention or a window). On GPUs
+(``fastattn._cuda_decode``) the same work items of every sequence run in one launch of
+``kernels/cuda/decode.py``'s row kernel, the longest first.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from . import _prepare, reference
-from .kvcache import ROWS_PER_ITEM, _resolve, flat_view, key_range, row_variants, run_rows
+from . import _backends, _prepare, reference
+from .kvcache import ROWS_PER_ITEM, flat_view, key_range, row_variants, run_rows
 
 __all__ = ["varlen_attention"]
 
@@ -38,7 +40,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
             :func:`scaled_dot_product_attention`, within each sequence.
         alibi_slopes: (Hq,) or (B, Hq).
         return_lse: also return the log-sum-exp, (Hq, total_q).
-        backend: ``"auto"`` (``"numba"``), ``"numba"`` or ``"numpy"``.
+        backend: ``"auto"`` (``"cuda"`` for device arrays, else ``"numba"``), ``"numba"``,
+            ``"numpy"`` or ``"cuda"`` (one launch over the work items of every sequence).
 
     Returns:
         out (total_q, Hq, Ev) in q's dtype, or ``(out, lse)``: what one
@@ -56,7 +59,12 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
         ...     is_causal=True).swapaxes(0, 1), atol=1e-6))
         True
     """
-    name = _resolve(backend, q, k, v)
+    name = _backends.resolve(backend, q, k, v)
+    if name == "cuda":
+        from . import _cuda_decode
+        out, lse = _cuda_decode.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal,
+                                                 alignment, scale, window, softcap, alibi_slopes)
+        return (out, lse) if return_lse else out
     a = _prepare.check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal, alignment, scale,
                               window, softcap, alibi_slopes)
     if name == "numpy":
