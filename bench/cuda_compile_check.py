@@ -17,7 +17,8 @@ shuffles.
 It fails (exit 1) on a compile error, float64 instructions in a float32 kernel (a Python float
 literal promoted the arithmetic), local-memory loads or stores (spills) inside a loop, and fewer
 than 4 FFMA per shared-memory load instruction in an innermost compute loop (one with FFMA) of the
-fused attention kernel computing in float32. Exit 77: no CUDA toolkit here.
+fused attention kernel computing in float32, and a tensor-core kernel (16-bit inputs) without
+HMMA instructions. Exit 77: no CUDA toolkit here.
 Numba-cuda wants a device (or NVRTC) to pick the target; the few lookups that ask for one are
 replaced here by sm_90, which is why this is a development script and not part of the package.
 """
@@ -112,6 +113,7 @@ def sass_loops(sass):
             bar=sum(op.startswith("BAR") for op in body),
             local=sum(op.startswith(("LDL", "STL")) for op in body),
             shfl=sum(op.startswith("SHFL") for op in body),
+            hmma=sum(op.startswith("HMMA") for op in body),
             f64=sum(op.startswith(("DFMA", "DADD", "DMUL")) for op in body)))
     loops.sort(key=lambda d: (d["end"] - d["start"], d["start"]))
     for d in loops:
@@ -127,6 +129,7 @@ def describe_loop(d):
             f"[{d['start']}-{d['end']}]: {d['instructions']} instructions, {d['ffma']} FFMA, "
             f"LDS 32/64/128-bit {d['lds32']}/{d['lds64']}/{d['lds128']} "
             f"({ratio} FFMA per LDS), {d['ldg']} LDG, {d['bar']} BAR, {d['shfl']} SHFL, "
+            f"{str(d['hmma']) + ' HMMA, ' if d['hmma'] else ''}"
             f"{d['local']} local loads/stores")
 
 
@@ -134,6 +137,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sass", metavar="DIR", help="write each kernel's SASS into DIR")
+    parser.add_argument("--dims", type=int, nargs="+", metavar="D",
+                        help="the fused kernel's head dims only (default: 64 128 256; --quick: 64)")
     args = parser.parse_args(argv)
     toolkit = find_toolkit()
     if toolkit is None:
@@ -178,7 +183,7 @@ def main(argv=None):
     failures = []
     tmp = tempfile.mkdtemp()
 
-    def compile_one(name, kernel, sig, compute, threads, fused=False):
+    def compile_one(name, kernel, sig, compute, threads, fused=False, mma=False):
         t0 = time.perf_counter()
         problems = []
         try:
@@ -219,6 +224,11 @@ def main(argv=None):
                     with open(os.path.join(args.sass, stem + ".sass"), "w") as f:
                         f.write(sass.stdout)
                     shutil.copy(path, os.path.join(args.sass, stem + ".ptx"))
+                hmma = len(re.findall(r"\bHMMA\.", sass.stdout))
+                if mma:
+                    lines.append(f"    {hmma} HMMA instructions in the kernel")
+                    if not hmma:
+                        problems.append("no HMMA (tensor-core) instruction")
                 for d in sass_loops(sass.stdout):
                     if d["local"]:
                         problems.append(f"{d['local']} local-memory accesses (spills) in a loop")
@@ -226,7 +236,7 @@ def main(argv=None):
                             and d["ffma_per_lds"] < MIN_FFMA_PER_LDS):
                         problems.append(f"{d['ffma_per_lds']:.2f} FFMA per shared load in an "
                                         f"innermost loop (at least {MIN_FFMA_PER_LDS} wanted)")
-                    if fused or d["ffma"]:
+                    if fused or mma or d["ffma"]:
                         lines.append("    " + describe_loop(d))
         if problems:
             failures.append(name)
@@ -250,7 +260,7 @@ def main(argv=None):
         variants_sig = (i64, i64, i64, ct, arr(ct, 1), boolean)
         # the fused kernel at the tiles _cuda picks for D = E = Ev of 64 and 128
         # (256: more features than a tile keeps, walked in panels)
-        for d in (64,) if args.quick else (64, 128, 256):
+        for d in args.dims or ((64,) if args.quick else (64, 128, 256)):
             tiles = _cuda._fused_tiles(dtype, d, d)
             kernel = kernels.fused_attention_kernel(tiles, dtype)
             # every mask kind in float32; float16 and float64 differ in their loads and
@@ -276,6 +286,18 @@ def main(argv=None):
                     (arr(store, 1), arr(i64, 1), i64, i64, arr(boolean, 1), arr(i64, 1), i64,
                      i64, boolean, i64, i64, i64, arr(store, 1), arr(i64, 1), i64, i64), compute,
                     _cuda.SOFTMAX_TILES.threads)
+    # the tensor-core kernel for 16-bit inputs (kernels/cuda/fused_mma.py) at _cuda's tiles
+    u16 = (arr(T.uint16, 1), arr(i64, 1), i64, i64)
+    for kind, mtype in (("float16", T.float16), ("bfloat16", T.float32))[:1 if args.quick else 2]:
+        for d in args.dims or ((64,) if args.quick else (64, 128)):
+            tiles = next(t for t in _cuda.GPU_MMA_TILES if d <= t.features)
+            tiles = tiles._replace(block_v=min(d, tiles.block_v))
+            compile_one(f"attention_mma {kind} D={d} float mask",
+                        kernels.mma_attention_kernel(tiles, kind),
+                        (*u16, *u16, *u16, arr(mtype, 1), arr(i64, 1), i64, i64, i64, i64, i64,
+                         i64, i64, i64, T.float32, i64, i64, i64, T.float32, arr(T.float32, 1),
+                         boolean, boolean, arr(T.uint16, 3), arr(T.float32, 2)), np.float32,
+                        tiles.threads, mma=True)
     print(f"{len(failures)} failed" + (": " + ", ".join(failures) if failures else ""))
     return 1 if failures else 0
 

@@ -3,6 +3,8 @@
 - ``attention``: ``attention_kernels(tiles, dtype)``, the attention-weights and similarity
   kernels for one tile shape;
 - ``fused``: ``fused_attention_kernel(tiles, dtype)``, the fused attention kernel (``FusedTiles``);
+- ``fused_mma``: ``mma_attention_kernel(tiles, kind)``, the same on tensor cores for float16 and
+  bfloat16 inputs (``MmaTiles``);
 - ``softmax``: ``softmax_kernel(tiles, dtype)``;
 - ``_common``: the tile shapes (``Tiles``, ``RowTiles``) and the device-function decorator.
 
@@ -11,7 +13,8 @@ Importing compiles nothing: the factories build (and cache) kernels, which compi
 from ._common import _SIMULATOR, RowTiles, Tiles
 from .attention import attention_kernels
 from .fused import FusedTiles, fused_attention_kernel
+from .fused_mma import MmaTiles, mma_attention_kernel
 from .softmax import softmax_kernel
 
-__all__ = ["Tiles", "RowTiles", "FusedTiles", "attention_kernels", "fused_attention_kernel",
-           "softmax_kernel"]
+__all__ = ["Tiles", "RowTiles", "FusedTiles", "MmaTiles", "attention_kernels",
+           "fused_attention_kernel", "mma_attention_kernel", "softmax_kernel"]
