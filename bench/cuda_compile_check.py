@@ -17,8 +17,8 @@ shuffles.
 It fails (exit 1) on a compile error, float64 instructions in a float32 kernel (a Python float
 literal promoted the arithmetic), local-memory loads or stores (spills) inside a loop, and fewer
 than 4 FFMA per shared-memory load instruction in an innermost compute loop (one with FFMA) of the
-fused attention kernel computing in float32, and a tensor-core kernel (16-bit inputs) without
-HMMA instructions. Exit 77: no CUDA toolkit here.
+fused attention kernel computing in float32, fewer than 16 warps per SM for it (E <= 128), and
+a tensor-core kernel (16-bit inputs) without HMMA instructions. Exit 77: no CUDA toolkit here.
 Numba-cuda wants a device (or NVRTC) to pick the target; the few lookups that ask for one are
 replaced here by sm_90, which is why this is a development script and not part of the package.
 """
@@ -39,6 +39,7 @@ CC = (9, 0)
 # memory (1 KiB of it reserved per block), 2048 threads, 32 blocks.
 SM_REGS, SM_SMEM, SM_THREADS, SM_BLOCKS, SMEM_PER_BLOCK_RESERVED = 65536, 233472, 2048, 32, 1024
 MIN_FFMA_PER_LDS = 4
+MIN_WARPS = 16  # per SM, of the fused float32 kernel where the query tile stays resident
 
 
 def find_toolkit():
@@ -183,7 +184,7 @@ def main(argv=None):
     failures = []
     tmp = tempfile.mkdtemp()
 
-    def compile_one(name, kernel, sig, compute, threads, fused=False, mma=False):
+    def compile_one(name, kernel, sig, compute, threads, fused=False, mma=False, min_warps=0):
         t0 = time.perf_counter()
         problems = []
         try:
@@ -214,6 +215,8 @@ def main(argv=None):
         blocks, warps = occupancy(threads, regs, smem)
         if compute == np.float32 and f64:
             problems.append(f"{f64} float64 instructions in a float32 kernel")
+        if warps < min_warps:
+            problems.append(f"{warps} warps per SM (at least {min_warps} wanted)")
         lines = []
         if nvdisasm:
             sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True)
@@ -271,7 +274,8 @@ def main(argv=None):
                             f"{mname}", kernel,
                             (*layout, *layout, *layout, *mask, i64, i64, i64, i64, i64, ct,
                              *variants_sig, boolean, arr(store, 3), arr(ct, 2)), compute,
-                            tiles.threads, fused=True)
+                            tiles.threads, fused=True,
+                            min_warps=MIN_WARPS if tiles.resident and compute == np.float32 else 0)
         if args.quick:
             continue
         tiles = _cuda._tiles(dtype, 0)

@@ -4,6 +4,7 @@
     python bench/gpu_check.py --quick      # L=S in {1024, 4096} only, fewer semantic checks
     python bench/gpu_check.py --sim-smoke  # tiny sizes in Numba's CUDA simulator, no GPU needed
     python bench/gpu_check.py --tiles 64,32,4,8,64,64,4   # other float32 fused tiles (FusedTiles)
+    python bench/gpu_check.py --mma-tiles 4,16,128,128,3  # other tensor-core tiles (MmaTiles)
 
 1. Semantic checks at moderate sizes with the real tiles, against ``fastattn.reference`` in
    float64: masks (bool, float with -inf, broadcast, fully masked rows), causal with L != S, GQA,
@@ -52,6 +53,8 @@ def parse_args(argv):
                    help="run end to end on tiny sizes in Numba's CUDA simulator")
     p.add_argument("--tiles", help="float32 fused-kernel tiles for E <= features: block_q,block_k,"
                                    "rows_per_thread,threads_per_row,features,block_v,min_blocks")
+    p.add_argument("--mma-tiles", help="tensor-core kernel tiles for E <= features (MmaTiles): "
+                                       "warps,block_k,features,block_v,min_blocks")
     p.add_argument("--budget", type=float, default=480.0, help="seconds before timings stop")
     p.add_argument("--peak-tflops", type=float, help="FP32 peak, if the table does not know it")
     return p.parse_args(argv)
@@ -100,6 +103,9 @@ def main(argv=None) -> int:
         _cuda.FUSED_TILES[np.dtype(np.float32)] = (
             tiles, *(t for t in _cuda.FUSED_TILES[np.dtype(np.float32)]
                      if t.features > tiles.features))
+    if args.mma_tiles:
+        tiles = kernels.MmaTiles(*map(int, args.mma_tiles.split(","))).check()
+        _cuda.MMA_TILES = (tiles, *(t for t in _cuda.MMA_TILES if t.features > tiles.features))
     torch = None
     if not args.sim_smoke:
         try:
@@ -113,7 +119,8 @@ def main(argv=None) -> int:
     print(f"# fastattn cuda backend on {device}\n")
     print(f"fastattn {fastattn.__version__}, numba-cuda {package_version('numba-cuda')}, torch "
           f"{torch.__version__ if torch else 'not used'}; float32 fused-kernel tiles "
-          f"{_cuda.FUSED_TILES[np.dtype(np.float32)]}; FP32 peak "
+          f"{_cuda.FUSED_TILES[np.dtype(np.float32)]}; tensor-core tiles {_cuda.MMA_TILES}; "
+          f"FP32 peak "
           f"{f'{peak / 1e12:.1f} TFLOP/s' if peak else 'unknown'}\n")
 
     rng = np.random.default_rng(0)

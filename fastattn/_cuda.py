@@ -60,6 +60,10 @@ GPU_FUSED_TILES = {
 FUSED_TILES = GPU_FUSED_TILES
 # The tensor-core kernel's tiles (kernels/cuda/fused_mma.py) for 16-bit inputs: the first that
 # keeps E features (past the last, the float32 kernel computes). 4 warps (64 query rows) a block.
+# E <= 64: 128 registers, 4 blocks (16 warps) per SM, no spills. E <= 128: 217 registers, 2
+# blocks (8 warps); capped for 3 blocks it spills at block_k 32, and fits (162 registers) only at
+# block_k 16, whose per-tile overhead is twice as large: untimed, bench/gpu_check.py --mma-tiles
+# 4,16,128,128,3 compares it.
 GPU_MMA_TILES = (
     kernels.MmaTiles(warps=4, block_k=32, features=64, block_v=64, min_blocks=4),
     kernels.MmaTiles(warps=4, block_k=32, features=128, block_v=128, min_blocks=2),

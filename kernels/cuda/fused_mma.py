@@ -212,9 +212,13 @@ def mma_attention_kernel(tiles: MmaTiles, kind: str):
     ALL = 0xFFFFFFFF
 
     @_device
-    def stage_pairs(x, base, rs, cs, rows_left, cols_left, ROWS, sX, tid):
+    def stage_pairs(x, base, rs, cs, rows_left, cols_left, ROWS, sX, tid, salt):
         """sX[row * FW + c] = the pair x[row, 2c], x[row, 2c + 1] (16-bit patterns; 0 outside
-        rows_left x cols_left) of ROWS rows of FE features."""
+        rows_left x cols_left) of ROWS rows of FE features. ``salt``: as in fused.py's
+        load_tile, a 0 from the key loop's state that keeps the per-element offsets from being
+        hoisted out of the loop (as 64-bit values that take more registers than they save)."""
+        rs = rs + salt
+        cs = cs + salt
         for t in range((ROWS * (FE // 2) + NT - 1) // NT):
             w = tid + u(t * NT)
             if w < u(ROWS * (FE // 2)):
@@ -231,9 +235,11 @@ def mma_attention_kernel(tiles: MmaTiles, kind: str):
                 sX[u(row) * u(FW) + w % u(FE // 2)] = lo | (hi << u32(16))
 
     @_device
-    def stage_values(x, base, rs, cs, rows_left, cols_left, sX, tid):
+    def stage_values(x, base, rs, cs, rows_left, cols_left, sX, tid, salt):
         """sX[col * VW + c] = the pair x[2c, col], x[2c + 1, col] of a BK x BV value tile:
         transposed, so that a B fragment (two consecutive keys of one column) is one word."""
+        rs = rs + salt
+        cs = cs + salt
         for t in range((BV * (BK // 2) + NT - 1) // NT):
             w = tid + u(t * NT)
             if w < u(BV * (BK // 2)):
@@ -322,7 +328,7 @@ def mma_attention_kernel(tiles: MmaTiles, kind: str):
         slope = f32(alibi[n]) if use_alibi else zero
         rows_left = min(i64(BQ), L - q0)
         # q's A fragments, once for the whole key loop
-        stage_pairs(q, q_outer[n] + q0 * q_rs, q_rs, q_cs, rows_left, E, BQ, sK, tid)
+        stage_pairs(q, q_outer[n] + q0 * q_rs, q_rs, q_cs, rows_left, E, BQ, sK, tid, i64(0))
         cuda.syncthreads()
         for ks in range(KS):
             qf[ks, 0] = sK[row0 * u(FW) + u(ks * 8) + tig]
@@ -340,9 +346,10 @@ def mma_attention_kernel(tiles: MmaTiles, kind: str):
         k_start = max(i64(0), p_first - left) // BK * BK
         k_end = min(S, p_last + right + 1)
         for j0 in range(k_start, k_end, BK):
+            salt = (j0 ^ k_end) >> 62  # 0: both lie in [0, 2**62)
             cuda.syncthreads()  # the previous readers of sK and sV are done
-            stage_pairs(k, k_base + j0 * k_rs, k_rs, k_cs, S - j0, E, BK, sK, tid)
-            stage_values(v, v_base + j0 * v_rs, v_rs, v_cs, S - j0, Ev - c0, sV, tid)
+            stage_pairs(k, k_base + j0 * k_rs, k_rs, k_cs, S - j0, E, BK, sK, tid, salt)
+            stage_values(v, v_base + j0 * v_rs, v_rs, v_cs, S - j0, Ev - c0, sV, tid, salt)
             cuda.syncthreads()
             # scores: q (16 rows x 16 features) times k^T (16 features x 8 keys) per mma
             for nt in range(NK):
