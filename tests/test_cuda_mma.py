@@ -23,6 +23,8 @@ if _backends.cuda_unavailable_reason() is not None:
         f"the cuda backend is not usable ({_backends.cuda_unavailable_reason()}): run the tests "
         f"with NUMBA_ENABLE_CUDASIM=1 (tests/conftest.py sets it unless numba was imported first)")
 
+from numba import cuda  # noqa: E402  (the simulator swaps this module global in kernels)
+
 from fastattn import _cuda  # noqa: E402
 from fastattn.kernels import cuda as kernels  # noqa: E402
 from fastattn.kernels.cuda import fused_mma  # noqa: E402
@@ -163,3 +165,56 @@ def test_simulated_steps_round_like_the_hardware():
         kernels.mma_attention_kernel(TINY_MMA[0], "float32")
     with pytest.raises(ValueError, match="inconsistent"):
         kernels.MmaTiles(warps=1, block_k=12, features=16, block_v=8).check()
+
+
+@pytest.mark.parametrize("kind", ["float16", "bfloat16"])
+def test_simulated_mma_is_the_ptx_isa_fragment_layout(kind):
+    """The simulator's mma.sync against A @ B + C with the fragments laid out as the PTX ISA's
+    "Matrix Fragments for mma.m16n8k16 with floating point type" says (written out here
+    independently of fused_mma), so that the kernel that passes in the simulator lays out its
+    fragments as the GPU reads them."""
+    rng = np.random.default_rng(3)
+    A, B = rng.standard_normal((16, 16)), rng.standard_normal((16, 8))
+    if kind == "float16":
+        A, B = A.astype(np.float16), B.astype(np.float16)
+        bits = lambda x: x.view(np.uint16).astype(np.uint32)  # noqa: E731
+        A64, B64 = A.astype(np.float64), B.astype(np.float64)
+    else:
+        A, B = to_bf16_bits(A), to_bf16_bits(B)
+        bits = lambda x: x.astype(np.uint32)  # noqa: E731
+        A64, B64 = (from_bf16_bits(x).astype(np.float64) for x in (A, B))
+    a_regs = np.zeros((32, 4), np.uint32)
+    b_regs = np.zeros((32, 2), np.uint32)
+    for lane in range(32):
+        g, t = lane >> 2, lane % 4
+        for i in range(8):
+            row = g if i < 2 or 4 <= i < 6 else g + 8
+            col = t * 2 + (i & 1) + (8 if i >= 4 else 0)
+            a_regs[lane, i // 2] |= bits(A[row:row + 1, col])[0] << (16 * (i % 2))
+        for i in range(4):
+            row = t * 2 + (i & 1) + (8 if i >= 2 else 0)
+            b_regs[lane, i // 2] |= bits(B[row:row + 1, g])[0] << (16 * (i % 2))
+    C = rng.standard_normal((16, 8)).astype(np.float32)
+    c_regs = np.zeros((32, 4), np.float32)
+    where = [[((g if i < 2 else g + 8), t * 2 + (i & 1)) for i in range(4)]
+             for g, t in ((lane >> 2, lane % 4) for lane in range(32))]
+    for lane in range(32):
+        for i, (r, c) in enumerate(where[lane]):
+            c_regs[lane, i] = C[r, c]
+    mma = cuda.jit(device=True)(fused_mma._mma_simulated(kind))
+
+    @cuda.jit
+    def run(a, b, c, out):
+        scratch = cuda.shared.array(32 * 12, np.float64)
+        t = cuda.threadIdx.x
+        d = mma(scratch, t, a[t, 0], a[t, 1], a[t, 2], a[t, 3], b[t, 0], b[t, 1], c[t, 0],
+                c[t, 1], c[t, 2], c[t, 3])
+        for i in range(4):
+            out[t, i] = d[i]
+
+    out = np.zeros((32, 4), np.float32)
+    run[1, 32](a_regs, b_regs, c_regs, out)
+    want = A64 @ B64 + C
+    for lane in range(32):
+        for i, (r, c) in enumerate(where[lane]):
+            assert abs(out[lane, i] - want[r, c]) <= 1e-5 * (1 + abs(want[r, c]))
