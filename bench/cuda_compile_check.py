@@ -18,7 +18,8 @@ shuffles.
 It fails (exit 1) on a compile error, float64 instructions in a float32 kernel (a Python float
 literal promoted the arithmetic), local-memory loads or stores (spills) inside a loop, and fewer
 than 4 FFMA per shared-memory load instruction in an innermost compute loop (one with FFMA) of the
-fused attention kernel computing in float32. Exit 77: no CUDA toolkit here.
+fused attention kernel computing in float32, fewer than 16 warps per SM for it (E <= 128), and
+a tensor-core kernel (16-bit inputs) without HMMA instructions. Exit 77: no CUDA toolkit here.
 Numba-cuda wants a device (or NVRTC) to pick the target; the few lookups that ask for one are
 replaced here by sm_90, which is why this is a development script and not part of the package.
 """
@@ -39,6 +40,7 @@ CC = (9, 0)
 # memory (1 KiB of it reserved per block), 2048 threads, 32 blocks.
 SM_REGS, SM_SMEM, SM_THREADS, SM_BLOCKS, SMEM_PER_BLOCK_RESERVED = 65536, 233472, 2048, 32, 1024
 MIN_FFMA_PER_LDS = 4
+MIN_WARPS = 16  # per SM, of the fused float32 kernel where the query tile stays resident
 
 
 def find_toolkit():
@@ -113,6 +115,7 @@ def sass_loops(sass):
             bar=sum(op.startswith("BAR") for op in body),
             local=sum(op.startswith(("LDL", "STL")) for op in body),
             shfl=sum(op.startswith("SHFL") for op in body),
+            hmma=sum(op.startswith("HMMA") for op in body),
             f64=sum(op.startswith(("DFMA", "DADD", "DMUL")) for op in body)))
     loops.sort(key=lambda d: (d["end"] - d["start"], d["start"]))
     for d in loops:
@@ -128,6 +131,7 @@ def describe_loop(d):
             f"[{d['start']}-{d['end']}]: {d['instructions']} instructions, {d['ffma']} FFMA, "
             f"LDS 32/64/128-bit {d['lds32']}/{d['lds64']}/{d['lds128']} "
             f"({ratio} FFMA per LDS), {d['ldg']} LDG, {d['bar']} BAR, {d['shfl']} SHFL, "
+            f"{str(d['hmma']) + ' HMMA, ' if d['hmma'] else ''}"
             f"{d['local']} local loads/stores")
 
 
@@ -137,6 +141,8 @@ def main(argv=None):
     parser.add_argument("--sass", metavar="DIR", help="write each kernel's SASS into DIR")
     parser.add_argument("--only", metavar="TEXT", help="compile only the kernels whose name has "
                         "TEXT")
+    parser.add_argument("--dims", type=int, nargs="+", metavar="D",
+                        help="the fused kernel's head dims only (default: 64 128 256; --quick: 64)")
     args = parser.parse_args(argv)
     toolkit = find_toolkit()
     if toolkit is None:
@@ -181,7 +187,7 @@ def main(argv=None):
     failures = []
     tmp = tempfile.mkdtemp()
 
-    def compile_one(name, kernel, sig, compute, threads, fused=False):
+    def compile_one(name, kernel, sig, compute, threads, fused=False, mma=False, min_warps=0):
         if args.only and args.only not in name:
             return
         t0 = time.perf_counter()
@@ -214,6 +220,8 @@ def main(argv=None):
         blocks, warps = occupancy(threads, regs, smem)
         if compute == np.float32 and f64:
             problems.append(f"{f64} float64 instructions in a float32 kernel")
+        if warps < min_warps:
+            problems.append(f"{warps} warps per SM (at least {min_warps} wanted)")
         lines = []
         if nvdisasm:
             sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True)
@@ -224,6 +232,11 @@ def main(argv=None):
                     with open(os.path.join(args.sass, stem + ".sass"), "w") as f:
                         f.write(sass.stdout)
                     shutil.copy(path, os.path.join(args.sass, stem + ".ptx"))
+                hmma = len(re.findall(r"\bHMMA\.", sass.stdout))
+                if mma:
+                    lines.append(f"    {hmma} HMMA instructions in the kernel")
+                    if not hmma:
+                        problems.append("no HMMA (tensor-core) instruction")
                 for d in sass_loops(sass.stdout):
                     if d["local"]:
                         problems.append(f"{d['local']} local-memory accesses (spills) in a loop")
@@ -231,7 +244,7 @@ def main(argv=None):
                             and d["ffma_per_lds"] < MIN_FFMA_PER_LDS):
                         problems.append(f"{d['ffma_per_lds']:.2f} FFMA per shared load in an "
                                         f"innermost loop (at least {MIN_FFMA_PER_LDS} wanted)")
-                    if fused or d["ffma"]:
+                    if fused or mma or d["ffma"]:
                         lines.append("    " + describe_loop(d))
         if problems:
             failures.append(name)
@@ -255,7 +268,7 @@ def main(argv=None):
         variants_sig = (i64, i64, i64, ct, arr(ct, 1), boolean)
         # the fused kernel at the tiles _cuda picks for D = E = Ev of 64 and 128
         # (256: more features than a tile keeps, walked in panels)
-        for d in (64,) if args.quick else (64, 128, 256):
+        for d in args.dims or ((64,) if args.quick else (64, 128, 256)):
             tiles = _cuda._fused_tiles(dtype, d, d)
             kernel = kernels.fused_attention_kernel(tiles, dtype)
             # every mask kind in float32; float16 and float64 differ in their loads and
@@ -266,7 +279,8 @@ def main(argv=None):
                             f"{mname}", kernel,
                             (*layout, *layout, *layout, *mask, i64, i64, i64, i64, i64, ct,
                              *variants_sig, boolean, arr(store, 3), arr(ct, 2)), compute,
-                            tiles.threads, fused=True)
+                            tiles.threads, fused=True,
+                            min_warps=MIN_WARPS if tiles.resident and compute == np.float32 else 0)
         if args.quick:
             continue
         tiles = _cuda._tiles(dtype, 0)
@@ -297,6 +311,18 @@ def main(argv=None):
         compile_one(f"decode copy_rows {store}", dk.copy_rows,
                     (arr(store, 1), ints1, i64, arr(store, 1), ints1, i64, i64), compute,
                     tiles.threads)
+    # the tensor-core kernel for 16-bit inputs (kernels/cuda/fused_mma.py) at _cuda's tiles
+    u16 = (arr(T.uint16, 1), arr(i64, 1), i64, i64)
+    for kind, mtype in (("float16", T.float16), ("bfloat16", T.float32))[:1 if args.quick else 2]:
+        for d in args.dims or ((64,) if args.quick else (64, 128)):
+            tiles = next(t for t in _cuda.GPU_MMA_TILES if d <= t.features)
+            tiles = tiles._replace(block_v=min(d, tiles.block_v))
+            compile_one(f"attention_mma {kind} D={d} float mask",
+                        kernels.mma_attention_kernel(tiles, kind),
+                        (*u16, *u16, *u16, arr(mtype, 1), arr(i64, 1), i64, i64, i64, i64, i64,
+                         i64, i64, i64, T.float32, i64, i64, i64, T.float32, arr(T.float32, 1),
+                         boolean, boolean, arr(T.uint16, 3), arr(T.float32, 2)), np.float32,
+                        tiles.threads, mma=True)
     print(f"{len(failures)} failed" + (": " + ", ".join(failures) if failures else ""))
     return 1 if failures else 0
 

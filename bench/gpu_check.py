@@ -1,9 +1,10 @@
 """The cuda backend on a real GPU: correctness at real sizes, then speed against PyTorch.
 
-    python bench/gpu_check.py              # an NVIDIA GPU, numba-cuda (and torch): < 12 minutes
+    python bench/gpu_check.py              # an NVIDIA GPU, numba-cuda (and torch): < 10 minutes
     python bench/gpu_check.py --quick      # L=S in {1024, 4096} only, fewer semantic checks
     python bench/gpu_check.py --sim-smoke  # tiny sizes in Numba's CUDA simulator, no GPU needed
     python bench/gpu_check.py --tiles 64,32,4,8,64,64,4   # other float32 fused tiles (FusedTiles)
+    python bench/gpu_check.py --mma-tiles 4,16,128,128,3  # other tensor-core tiles (MmaTiles)
 
 1. Semantic checks at moderate sizes with the real tiles, against ``fastattn.reference`` in
    float64: masks (bool, float with -inf, broadcast, fully masked rows), causal with L != S, GQA,
@@ -15,9 +16,11 @@
 2. Speed: B=4, H=16, D in {64, 128}, L=S in {1024, 4096, 16384}, causal and not, float32, the
    cuda backend on PyTorch CUDA tensors against torch.nn.functional.scaled_dot_product_attention
    on the same tensors; GFLOP/s (4 * B * H * D * (query, key) pairs, causal pairs only) and the
-   share of the GPU's FP32 FMA peak; PyTorch's bfloat16 SDPA (flash) for reference (fastattn has
-   no tensor-core path). Each timed output is checked too: sampled rows of two heads against the
-   float64 reference, and all of it against PyTorch.
+   share of the GPU's FP32 FMA peak; then fastattn's tensor-core kernel (float16 and bfloat16
+   inputs, kernels/cuda/fused_mma.py) against PyTorch's bfloat16 SDPA (flash). Each timed output
+   is checked too: float32 on sampled rows of two heads against the float64 reference, and all of
+   it against PyTorch; the 16-bit outputs against PyTorch's float32 result, at most twice as far
+   from it as PyTorch's own bfloat16 result (FlashAttention's rule).
 
 Prints Markdown for bench/RESULTS.md. Exit status: 0 all checks pass, 1 a check failed, 2 no GPU.
 Stays under its time budget (--budget, default 600 s: the kernels compile on first use, a few
@@ -50,7 +53,9 @@ def parse_args(argv):
                    help="run end to end on tiny sizes in Numba's CUDA simulator")
     p.add_argument("--tiles", help="float32 fused-kernel tiles for E <= features: block_q,block_k,"
                                    "rows_per_thread,threads_per_row,features,block_v,min_blocks")
-    p.add_argument("--budget", type=float, default=600.0, help="seconds before timings stop")
+    p.add_argument("--mma-tiles", help="tensor-core kernel tiles for E <= features (MmaTiles): "
+                                       "warps,block_k,features,block_v,min_blocks")
+    p.add_argument("--budget", type=float, default=480.0, help="seconds before timings stop")
     p.add_argument("--peak-tflops", type=float, help="FP32 peak, if the table does not know it")
     return p.parse_args(argv)
 
@@ -98,6 +103,9 @@ def main(argv=None) -> int:
         _cuda.FUSED_TILES[np.dtype(np.float32)] = (
             tiles, *(t for t in _cuda.FUSED_TILES[np.dtype(np.float32)]
                      if t.features > tiles.features))
+    if args.mma_tiles:
+        tiles = kernels.MmaTiles(*map(int, args.mma_tiles.split(","))).check()
+        _cuda.MMA_TILES = (tiles, *(t for t in _cuda.MMA_TILES if t.features > tiles.features))
     torch = None
     if not args.sim_smoke:
         try:
@@ -111,7 +119,8 @@ def main(argv=None) -> int:
     print(f"# fastattn cuda backend on {device}\n")
     print(f"fastattn {fastattn.__version__}, numba-cuda {package_version('numba-cuda')}, torch "
           f"{torch.__version__ if torch else 'not used'}; float32 fused-kernel tiles "
-          f"{_cuda.FUSED_TILES[np.dtype(np.float32)]}; FP32 peak "
+          f"{_cuda.FUSED_TILES[np.dtype(np.float32)]}; tensor-core tiles {_cuda.MMA_TILES}; "
+          f"FP32 peak "
           f"{f'{peak / 1e12:.1f} TFLOP/s' if peak else 'unknown'}\n")
 
     rng = np.random.default_rng(0)
@@ -129,18 +138,20 @@ def main(argv=None) -> int:
         Ls = (1024, 4096) if args.quick else (1024, 4096, 16384)
     print("| D | L=S | causal | fastattn ms | GFLOP/s | % FP32 peak | torch ms | torch GFLOP/s "
           "| fastattn / torch speed | torch bf16 ms | max err vs float64 (budget) "
-          "| max diff vs torch |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| max diff vs torch | fastattn f16 TC ms | fastattn bf16 TC ms "
+          "| bf16: fastattn / torch speed | 16-bit err vs torch f32 (budget) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     slowest_rate = None  # the lowest FLOP/s measured so far, to foresee the next config's time
     for L in Ls:
         for D in Ds:
             for causal in (False, True):
                 flops = 4 * B * H * D * (L * (L + 1) // 2 if causal else L * L)
-                # about 3 timed calls each of ours, torch float32 and bf16, at our slowest rate
-                foreseen = 9 * flops / slowest_rate if slowest_rate else 0.0
+                # about 3 timed calls each of ours (float32, float16, bfloat16) and torch's
+                # (float32, bfloat16), at our float32 kernel's slowest rate
+                foreseen = 15 * flops / slowest_rate if slowest_rate else 0.0
                 if time.perf_counter() - start + foreseen > args.budget:
                     print(f"| {D} | {L} | {causal} | skipped: would pass the {args.budget:.0f} s "
-                          f"budget | | | | | | | | |")
+                          f"budget | | | | | | | | | | | | |")
                     continue
                 rate = time_one(checks, fastattn, reference, cuda, torch, rng, B, H, L, D,
                                 causal, flops, peak)
@@ -199,6 +210,32 @@ def err32(got, exact, plain):
 
 def host(x):
     return x.copy_to_host() if hasattr(x, "copy_to_host") else x
+
+
+def to_bf16_bits(x):
+    """float32 x rounded to the nearest bfloat16 (ties to even), as uint16 bit patterns."""
+    b = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def from_bf16_bits(h):
+    return (np.asarray(h, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def round16(x, kind):
+    x = np.asarray(x, np.float32)
+    if kind == "float16":
+        return x.astype(np.float16).astype(np.float32)
+    return from_bf16_bits(to_bf16_bits(x))
+
+
+def plain16(reference, q, k, v, kind, enable_gqa=False, **kw):
+    """Attention in the tensor-core kernel's precision: float32 weights from the 16-bit values,
+    rounded to 16 bits before they meet v; the output rounded to 16 bits."""
+    w = reference.attention_weights(q, k, enable_gqa=enable_gqa, **kw).astype(np.float32)
+    if enable_gqa:
+        v = np.repeat(v, q.shape[-3] // v.shape[-3], axis=-3)
+    return round16(round16(w, kind) @ v, kind)
 
 
 def semantic_checks(checks, fastattn, reference, cuda, torch, rng, small, quick):
@@ -270,16 +307,40 @@ def semantic_checks(checks, fastattn, reference, cuda, torch, rng, small, quick)
         record(err <= 1e-10, f"max err {err:.2e} (budget 1e-10)")
     checks.run("sdpa float64: cosine, scale, causal, L!=S", case_float64)
 
-    def case_float16(record):
-        q, k, v = (normal(*((1, 2, 12, 8) if small else (2, 4, 1024, 64)), dtype=np.float16)
-                   for _ in range(3))
-        out, lse = f.scaled_dot_product_attention(dev(q), dev(k), dev(v), return_lse=True)
-        out, lse = host(out), host(lse)
-        exact = r.scaled_dot_product_attention(*(a.astype(np.float64) for a in (q, k, v)))
-        err = float(np.abs(out.astype(np.float64) - exact).max())
-        ok = out.dtype == np.float16 and lse.dtype == np.float32 and err <= 2e-3
-        record(ok, f"out {out.dtype}, lse {lse.dtype}, max err {err:.2e} (budget 2e-3)")
-    checks.run("sdpa float16: computed in float32, returned float16", case_float16)
+    def case_16bit(record, kind, D, causal, gqa):
+        Hq, Hkv = (4, 2) if gqa else (4, 4)
+        L, S = (12, 19) if small else (1000, 1100)
+        q32, k32, v32 = normal(1 if small else 2, Hq, L, D), normal(1 if small else 2, Hkv, S, D), \
+            normal(1 if small else 2, Hkv, S, D)
+        if kind == "float16":
+            q, k, v = (a.astype(np.float16) for a in (q32, k32, v32))
+            vals = [a.astype(np.float32) for a in (q, k, v)]
+            out, lse = f.scaled_dot_product_attention(dev(q), dev(k), dev(v), is_causal=causal,
+                                                      enable_gqa=gqa, return_lse=True)
+            out = host(out).astype(np.float32)
+        else:
+            bits = [to_bf16_bits(a) for a in (q32, k32, v32)]
+            vals = [from_bf16_bits(b) for b in bits]
+            out, lse = fastattn._cuda.bfloat16_attention(
+                *(dev(b.view(np.float16)) for b in bits), is_causal=causal, enable_gqa=gqa,
+                return_lse=True)
+            out = from_bf16_bits(host(out).view(np.uint16))
+        lse = host(lse)
+        kw = dict(is_causal=causal, enable_gqa=gqa)
+        exact, exact_lse = r.scaled_dot_product_attention(
+            *(a.astype(np.float64) for a in vals), return_lse=True, **kw)
+        plain = plain16(r, *vals, kind, **kw)
+        err = float(np.abs(out - exact).max())
+        budget = 2 * float(np.abs(plain - exact).max()) + 1e-6
+        lse_err = float(np.abs(lse - exact_lse).max())
+        ok = err <= budget and lse.dtype == np.float32 and lse_err <= 1e-4
+        record(ok, f"max err {err:.2e} (budget {budget:.2e}: twice the plain {kind} "
+                   f"computation's); lse err {lse_err:.1e}")
+    for kind, D, causal, gqa in (("float16", 64, False, False), ("float16", 128, True, True),
+                                 ("bfloat16", 64, True, False), ("bfloat16", 128, False, True)):
+        D = min(D, 16) if small else D
+        checks.run(f"sdpa {kind} on tensor cores: D={D}, causal={causal}, GQA={gqa}, L!=S",
+                   lambda record, a=(kind, D, causal, gqa): case_16bit(record, *a))
 
     def case_weights(record):
         q, k = ((normal(1, 4, 13, 8), normal(1, 4, 17, 8)) if small else
@@ -404,7 +465,8 @@ def time_one(checks, fastattn, reference, cuda, torch, rng, B, H, L, D, causal, 
             qb, kb, vb = (x.to(torch.bfloat16) for x in (q, k, v))
             t_bf16 = median_time(lambda: torch.nn.functional.scaled_dot_product_attention(
                 qb, kb, vb, is_causal=causal), cuda)
-            del qb, kb, vb
+            torch_bf16_err = float((torch.nn.functional.scaled_dot_product_attention(
+                qb, kb, vb, is_causal=causal).float() - want).abs().max())
             diff_torch = f"{float((torch.as_tensor(out, device='cuda') - want).abs().max()):.1e}"
             row += [f"{t_torch * 1e3:.2f}", f"{flops / t_torch / 1e9:.0f}",
                     f"{t_torch / t_ours:.2f}x", f"{t_bf16 * 1e3:.2f}"]
@@ -412,6 +474,36 @@ def time_one(checks, fastattn, reference, cuda, torch, rng, B, H, L, D, causal, 
             row += ["n/a", "n/a", "n/a", "n/a"]
         ok, detail = check_rows(reference, q, k, v, out, lse, causal, torch, rng)
         row += [("" if ok else "**FAIL** ") + detail, diff_torch]
+        # the tensor-core kernel: float16, and bfloat16 through its float16 view
+        if torch is not None:
+            qh, kh, vh = (x.half() for x in (q, k, v))
+            bf = [x.view(torch.float16) for x in (qb, kb, vb)]
+        else:
+            qh, kh, vh = (cuda.to_device(x.copy_to_host().astype(np.float16)) for x in (q, k, v))
+            bf = [cuda.to_device(to_bf16_bits(x.copy_to_host()).view(np.float16))
+                  for x in (q, k, v)]
+
+        def ours16():
+            return fastattn.scaled_dot_product_attention(qh, kh, vh, is_causal=causal)
+
+        def ours_bf16():
+            return fastattn._cuda.bfloat16_attention(*bf, is_causal=causal)
+        out16, outbf = ours16(), ours_bf16()  # (compile)
+        t16, tbf = median_time(ours16, cuda), median_time(ours_bf16, cuda)
+        row += [f"{t16 * 1e3:.2f}", f"{tbf * 1e3:.2f}"]
+        if torch is not None:
+            e16 = float((torch.as_tensor(out16, device="cuda").float() - want).abs().max())
+            ebf = float((torch.as_tensor(outbf, device="cuda").view(torch.bfloat16).float()
+                         - want).abs().max())
+            budget = 2 * torch_bf16_err + 1e-6
+            ok16 = e16 <= budget and ebf <= budget
+            row += [f"{t_bf16 / tbf:.2f}x", ("" if ok16 else "**FAIL** ")
+                    + f"f16 {e16:.1e}, bf16 {ebf:.1e} ({budget:.1e})"]
+            ok &= ok16
+            detail += f"; 16-bit: f16 {e16:.1e}, bf16 {ebf:.1e} (budget {budget:.1e})"
+            del qb, kb, vb, bf
+        else:
+            row += ["n/a", "n/a"]
         print("| " + " | ".join(row) + " |", flush=True)
         checks.record(name, ok, detail, echo=False)
         return flops / t_ours

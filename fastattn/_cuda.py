@@ -8,7 +8,10 @@ place, whatever their strides, and give a Numba device array (which exposes
 Every operand reaches the kernels as a 1-d array over its memory plus a row layout (see
 ``_rows``), so nothing is made contiguous, broadcast or converted on the host: masks (bool or
 float, any broadcast shape) are read in place, float16 is widened in the kernels, and cosine
-similarity divides by norms computed in the kernels.
+similarity divides by norms computed in the kernels. Attention of float16 inputs (and of bfloat16
+ones, through ``bfloat16_attention``) runs on tensor cores (kernels/cuda/fused_mma.py), as
+FlashAttention does: 16-bit products accumulated in float32, the weights rounded to 16 bits
+before they meet the values; float32 stays exact FP32 FMA.
 """
 from __future__ import annotations
 
@@ -37,14 +40,17 @@ TILES = {
 # float32, E <= 64: 128 threads, 4 rows x 4 keys of scores and 4 rows x 8 output columns per
 # thread, the 64-row query tile resident, 35 KiB of shared memory, registers capped for 4 blocks
 # (16 warps) per SM. E <= 128: 32-row query tiles (the resident tile stays under 48 KiB), 2 rows
-# x 4 keys and 2 rows x 16 columns per thread, 2 blocks per SM (capped for 3 or 4, the compiler
-# spills: 232 bytes at 128 registers, 48 at 168).
+# x 4 keys and 2 rows x 16 columns per thread, 41 KiB, capped at 128 registers for 4 blocks (16
+# warps) per SM (122 used, no spills: see the staging's ``salt`` in kernels/cuda/fused.py). 256
+# threads cannot reach 4 FFMA per shared load at E = 128 within 48 KiB of static shared memory
+# (a block's score tile must hold 8 scores per thread), and numba-cuda has no way to raise the
+# dynamic shared memory limit past 48 KiB.
 GPU_FUSED_TILES = {
     np.dtype(np.float32): (
         kernels.FusedTiles(block_q=64, block_k=32, rows_per_thread=4, threads_per_row=8,
                            features=64, block_v=64, min_blocks=4),
         kernels.FusedTiles(block_q=32, block_k=32, rows_per_thread=2, threads_per_row=8,
-                           features=128, block_v=128, min_blocks=2),
+                           features=128, block_v=128, min_blocks=4),
     ),
     np.dtype(np.float64): (
         kernels.FusedTiles(block_q=32, block_k=16, rows_per_thread=2, threads_per_row=4,
@@ -52,6 +58,19 @@ GPU_FUSED_TILES = {
     ),
 }
 FUSED_TILES = GPU_FUSED_TILES
+# The tensor-core kernel's tiles (kernels/cuda/fused_mma.py) for 16-bit inputs: the first that
+# keeps E features (past the last, the float32 kernel computes). 4 warps (64 query rows) a block.
+# E <= 64: 128 registers, 4 blocks (16 warps) per SM, no spills. E <= 128: 217 registers, 2
+# blocks (8 warps); capped for 3 blocks it spills at block_k 32, and fits (162 registers) only at
+# block_k 16, whose per-tile overhead is twice as large: untimed, bench/gpu_check.py --mma-tiles
+# 4,16,128,128,3 compares it.
+GPU_MMA_TILES = (
+    kernels.MmaTiles(warps=4, block_k=32, features=64, block_v=64, min_blocks=4),
+    kernels.MmaTiles(warps=4, block_k=32, features=128, block_v=128, min_blocks=2),
+)
+MMA_TILES = GPU_MMA_TILES
+# 16-bit input dtypes that go to the tensor-core kernel, with the kernel's kind
+MMA_KINDS = {np.dtype(np.float16): "float16"}
 SOFTMAX_TILES = kernels.RowTiles(rows_per_block=8, threads_per_row=32)
 if _SIMULATOR:
     # Simulated threads are Python threads: small blocks keep simulated runs quick.
@@ -61,6 +80,8 @@ if _SIMULATOR:
                                               threads_per_row=4, features=8, block_v=16),)
                    for dtype in FUSED_TILES}
     SOFTMAX_TILES = kernels.RowTiles(rows_per_block=2, threads_per_row=4)
+    MMA_TILES = (kernels.MmaTiles(warps=1, block_k=16, features=16, block_v=16),
+                 kernels.MmaTiles(warps=1, block_k=16, features=32, block_v=16))
 
 
 def _tiles(dtype: np.dtype, Ev: int) -> kernels.Tiles:
@@ -75,6 +96,20 @@ def _block_v(threads_per_row: int, block_v: int, Ev: int) -> int:
     while bv < Ev and bv < block_v:
         bv *= 2
     return min(bv, block_v)
+
+
+def _mma_tiles(a: _prepare.AttentionArgs):
+    """The tensor-core kernel's tiles for ``a``, or None where the float32 kernel computes: not
+    a 16-bit input, cosine similarity, or more features than any tile keeps."""
+    if np.dtype(a.in_dtype) not in MMA_KINDS or a.similarity == "cosine":
+        return None
+    t = next((t for t in MMA_TILES if a.E <= t.features), None)
+    if t is None:
+        return None
+    bv = 8
+    while bv < a.Ev and bv < t.block_v:
+        bv *= 2
+    return t._replace(block_v=min(bv, t.block_v))
 
 
 def _fused_tiles(dtype: np.dtype, E: int, Ev: int) -> kernels.FusedTiles:
@@ -195,8 +230,10 @@ def _rows(op: Operand, target: tuple, axis: int = -1) -> Rows:
     return Rows(outer.reshape(-1), row_shape[-1], row_strides[-1], col_stride)
 
 
-def _layout_args(op: Operand, rows: Rows, outer=None):
-    return (op.flat, cuda.to_device(rows.outer if outer is None else outer), rows.row_stride,
+def _layout_args(op: Operand, rows: Rows, outer=None, bits=False):
+    """(flat, outer, row stride, col stride); ``bits``: flat as uint16 (the 16-bit patterns)."""
+    flat = op.flat.view(np.uint16) if bits else op.flat
+    return (flat, cuda.to_device(rows.outer if outer is None else outer), rows.row_stride,
             rows.col_stride)
 
 
@@ -274,15 +311,16 @@ def softmax(x, axis, mask=None):
     return _result(out, on_device)
 
 
-def _attention_operands(a: _prepare.AttentionArgs):
-    """Layout args of q, k (and v): per query head n, the offset of its (GQA-shared) key head."""
+def _attention_operands(a: _prepare.AttentionArgs, bits=False):
+    """Layout args of q, k (and v): per query head n, the offset of its (GQA-shared) key head.
+    ``bits``: the operands as uint16 arrays of their 16-bit patterns."""
     opq = _operand(a.query)
-    args = list(_layout_args(opq, _rows(opq, opq.shape)))
+    args = list(_layout_args(opq, _rows(opq, opq.shape), bits=bits))
     head_of = np.arange(a.N, dtype=np.int64) // a.group
     for x in (a.key, a.value) if a.value is not None else (a.key,):
         op = _operand(x)
         rows = _rows(op, op.shape)
-        args += _layout_args(op, rows, rows.outer[head_of])
+        args += _layout_args(op, rows, rows.outer[head_of], bits=bits)
     return args
 
 
@@ -330,14 +368,29 @@ def attention_weights(query, key, attn_mask, is_causal, scale, enable_gqa, *, si
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa, *,
-                                 similarity="dot", return_lse=False, **variants):
+                                 similarity="dot", return_lse=False, _bits_kind=None, **variants):
+    """``_bits_kind="bfloat16"``: query, key and value are float16 arrays that hold bfloat16 bit
+    patterns (NumPy has no bfloat16; e.g. a torch bfloat16 tensor viewed as float16), and so is
+    the result (see ``bfloat16_attention``)."""
     on_device = any(_backends.is_device_array(x) for x in (query, key, value))
     a = _prepare.check_attention(_as_device_array(query), _as_device_array(key),
                                  _as_device_array(value), _as_device_array(attn_mask), is_causal,
                                  scale, enable_gqa, similarity, **variants)
     out = cuda.device_array((a.N, a.L, a.Ev), a.in_dtype)
     lse = cuda.device_array((a.N, a.L), a.dtype)
-    if a.N * a.L:
+    mma = _mma_tiles(a) if a.N * a.L else None
+    if _bits_kind is not None and mma is None:
+        raise ValueError(f"{_bits_kind} attention runs on the tensor-core kernel only: dot "
+                         f"similarity and at most {MMA_TILES[-1].features} features (got "
+                         f"{a.similarity}, E = {a.E})")
+    if mma is not None:  # 16-bit inputs on tensor cores
+        kernel = kernels.mma_attention_kernel(mma, _bits_kind or MMA_KINDS[np.dtype(a.in_dtype)])
+        grid = (a.N * -(-a.L // mma.block_q), max(1, -(-a.Ev // mma.block_v)))
+        kernel[grid, mma.threads](
+            *_attention_operands(a, bits=True), *_mask_args(a.mask, a.weights_shape), a.N, a.L,
+            a.S, a.E, a.Ev, np.float32(a.scale), *_variant_args(a), False,
+            out.view(np.uint16), lse)
+    elif a.N * a.L:
         tiles = _fused_tiles(a.dtype, a.E, a.Ev)
         kernel = kernels.fused_attention_kernel(tiles, a.dtype)
         _check_offsets_fit(a, tiles)
@@ -349,3 +402,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask, is_causal, scale,
     if not return_lse:
         return out
     return out, _result(lse.reshape((*a.lead, a.L)), on_device)
+
+
+def bfloat16_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
+                       enable_gqa=False, *, return_lse=False, **variants):
+    """Attention of bfloat16 inputs given as float16 arrays of their bit patterns (NumPy has no
+    bfloat16 dtype; a torch bfloat16 CUDA tensor ``t`` is ``t.view(torch.float16)``), on tensor
+    cores; the result holds bfloat16 bit patterns the same way (lse is float32). A float mask
+    must be float32."""
+    if attn_mask is not None and np.dtype(attn_mask.dtype) == np.float16:
+        raise TypeError("attn_mask of bfloat16 attention must be bool or float32, got float16 "
+                        "(its bits would be read as float16)")
+    return scaled_dot_product_attention(query, key, value, attn_mask, is_causal, scale,
+                                        enable_gqa, return_lse=return_lse,
+                                        _bits_kind="bfloat16", **variants)

@@ -182,7 +182,8 @@ def test_sdpa_float32_error_at_most_twice_numpy_float32():
         assert np.abs(got - exact).max() <= budget
 
 
-def test_sdpa_float16_computed_in_float32_returned_float16():
+def test_sdpa_float16_on_tensor_cores_returned_float16():
+    # (the tensor-core kernel, kernels/cuda/fused_mma.py: tests/test_cuda_mma.py has its rule)
     rng = np.random.default_rng(9)
     q, k, v = qkv(rng, dtype=np.float16)
     out, lse = fastattn.scaled_dot_product_attention(q, k, v, backend="cuda", return_lse=True)

@@ -24,6 +24,10 @@ the longest causal tiles first; grid y: output column blocks):
   reduced with warp shuffles, without barriers. The simulator has no shuffles: there, the same
   reductions go through shared memory.
 - ``launch_bounds`` caps the registers so that ``min_blocks`` blocks fit on an SM.
+
+float16 and bfloat16 inputs take the tensor-core variant of this kernel (kernels/cuda/fused_mma.py,
+``mma.sync`` through inline PTX), which shares ``score_steps`` (the variants and the online
+softmax) with it.
 """
 import functools
 import math
@@ -87,6 +91,61 @@ def _kernel(threads: int, min_blocks: int):
 
 
 @functools.lru_cache(maxsize=None)
+def score_steps(compute: np.dtype):
+    """The per-score and per-row steps that the fused kernels share (this one and the
+    tensor-core kernel of kernels/cuda/fused_mma.py), as inlined device functions computing in
+    ``compute``: the variants of one scaled score, and the online softmax's rescaling, weights
+    and final normalisation."""
+    ct = np.dtype(compute).type
+    zero, one, neg_inf = ct(0), ct(1), ct(-np.inf)
+    u = np.uint64
+
+    @_device
+    def variant_score(x, inside, i, p, j, L, S, left, right, softcap, m, m_row, m_cs, mask_kind,
+                      slope, use_alibi):
+        """The scaled score x of query row i (at position p) and key j after the softcap, the
+        window and key range (unless the whole tile is ``inside`` them), the mask and ALiBi."""
+        if softcap > zero:
+            x = softcap * math.tanh(x / softcap)
+        if not inside and (j >= S or j < p - left or j > p + right):
+            x = neg_inf
+        elif mask_kind != 0 and i < L:
+            mv = ct(m[u(m_row + j * m_cs)])
+            if mask_kind == 1:  # (compared as compute floats: no float16 ==)
+                if mv == zero:
+                    x = neg_inf
+            else:
+                x = x + mv
+        if use_alibi:
+            x = x - slope * ct(abs(p - j))
+        return x
+
+    @_device
+    def rescale(old_max, tile_max):
+        """(the new row max, the factor of the old sums) after a tile whose max is tile_max."""
+        new_max = max(old_max, tile_max)
+        # every key so far masked: the factor 1, no exp(-inf + inf)
+        return new_max, one if new_max == neg_inf else math.exp(old_max - new_max)
+
+    @_device
+    def weight(x, new_max):
+        """exp(x - new_max); while every key so far is masked, 0 (and a NaN stays NaN)."""
+        if new_max == neg_inf:
+            return x - x if x != neg_inf else zero
+        return math.exp(x - new_max)
+
+    @_device
+    def finish(row_sum, row_max):
+        """(1 / row_sum, lse); a row with no key taking part gives 0 and lse = log(0) = -inf."""
+        keep = row_sum > zero or row_sum != row_sum
+        if keep:
+            return one / row_sum, row_max + math.log(row_sum)
+        return zero, neg_inf
+
+    return variant_score, rescale, weight, finish
+
+
+@functools.lru_cache(maxsize=None)
 def fused_attention_kernel(tiles: FusedTiles, compute: np.dtype):
     """The fused attention kernel for ``tiles``, computing in ``compute`` (float32 or float64).
 
@@ -109,6 +168,7 @@ def fused_attention_kernel(tiles: FusedTiles, compute: np.dtype):
     zero, one, neg_inf = ct(0), ct(1), ct(-np.inf)
     u, i64, i32 = np.uint64, np.int64, np.int32
     ALL = 0xFFFFFFFF
+    variant_score, rescale, weight, finish = score_steps(compute)
 
     def row_of(r, ty):
         """The tile row of a thread's r-th row: runs of RM consecutive rows, TY * RM apart."""
@@ -123,15 +183,18 @@ def fused_attention_kernel(tiles: FusedTiles, compute: np.dtype):
     # --- staging: global memory -> registers -> shared memory -------------------------------------
 
     @_device
-    def load_tile(pre, x, base, rs, cs, rows_left, cols_left, W, count, tid):
+    def load_tile(pre, x, base, rs, cs, rows_left, cols_left, W, count, tid, salt):
         """pre[t] = x[base + row * rs + col * cs] for element tid + t * NT = row * W + col of a
         tile W wide (0 where row >= rows_left or col >= cols_left). NT is a multiple of W, so a
         thread keeps its column and steps NT // W rows at a time: one 64-bit base per tile, then
-        32-bit offsets that are multiples of one step (contiguous rows: no column multiply)."""
+        32-bit offsets that are multiples of one step (contiguous rows: no column multiply).
+        ``salt`` is 0, computed from the key loop's state: it keeps the compiler from hoisting
+        the count offsets out of the key loop as 64-bit values (at D = 128, 32 per tile and
+        operand: more than the registers hold, so they were spilled)."""
         row0 = i64(tid // u(W))
         col = i64(tid % u(W))
         thread_base = base + row0 * rs + (col if cs == 1 else col * cs)
-        step = i32((NT // W) * rs)
+        step = i32((NT // W) * rs) + salt
         in_cols = col < cols_left
         rows = rows_left - row0
         for t in range(count):
@@ -160,7 +223,7 @@ def fused_attention_kernel(tiles: FusedTiles, compute: np.dtype):
         (the key tile's count), so the staging needs no more registers than a key tile."""
         for g in range(BQ // BK):
             load_tile(pre, q, base + g * BK * rs, rs, cs, rows_left - g * BK, cols_left, FE,
-                      BK * FE // NT, tid)
+                      BK * FE // NT, tid, i32(0))
             store_transposed(pre, sQ[u(g * BK):], PQ, FE, BK * FE // NT, tid)
 
     # --- row statistics across the TX threads of a row ----------------------------------------
@@ -270,8 +333,9 @@ def fused_attention_kernel(tiles: FusedTiles, compute: np.dtype):
             stage_query(pre, q, q_base, q_rs, q_cs, rows_left, E, sQ, tid)
         if k_start < k_end:
             load_tile(pre, k, k_base + k_start * k_rs, k_rs, k_cs, S - k_start, E, FE,
-                      BK * FE // NT, tid)
+                      BK * FE // NT, tid, i32(0))
         for j0 in range(k_start, k_end, BK):
+            salt = i32((j0 ^ k_end) >> 62)  # 0: both lie in [0, 2**62)
             for r in range(TM):
                 a_sq[r] = zero
                 for c in range(TN):
@@ -283,7 +347,7 @@ def fused_attention_kernel(tiles: FusedTiles, compute: np.dtype):
                 cuda.syncthreads()  # the previous readers of sKV (and sQ) are done
                 if panel > 0:  # (the first panel was loaded during the previous tile)
                     load_tile(pre, k, k_base + j0 * k_rs + d0 * k_cs, k_rs, k_cs, S - j0,
-                              E - d0, FE, BK * FE // NT, tid)
+                              E - d0, FE, BK * FE // NT, tid, salt)
                 store_transposed(pre, sKV, PK, FE, BK * FE // NT, tid)
                 if not resident:
                     stage_query(pre, q, q_base + d0 * q_cs, q_rs, q_cs, rows_left, E - d0, sQ,
@@ -305,7 +369,7 @@ def fused_attention_kernel(tiles: FusedTiles, compute: np.dtype):
                             b_sq[c] += b[c] * b[c]
             # the values of this tile, in flight while the scores become weights
             load_tile(pre, v, v_base + j0 * v_rs, v_rs, v_cs, S - j0, Ev - c0, BV, BK * BV // NT,
-                      tid)
+                      tid, salt)
             # cosine and the scale on the registers (unrolled: constant indices keep them there)
             for r in range(TM):
                 a_inv = one
@@ -332,21 +396,9 @@ def fused_attention_kernel(tiles: FusedTiles, compute: np.dtype):
                     for c in range(TN):
                         j = j0 + i64(col_of(c, tx, RN))
                         at = col_of(c, tx, RN) * u(PQ) + row_of(r, ty)
-                        x = sP[at]
-                        if softcap > zero:
-                            x = softcap * math.tanh(x / softcap)
-                        if not inside and (j >= S or j < p - left or j > p + right):
-                            x = neg_inf
-                        elif mask_kind != 0 and i < L:
-                            mv = ct(m[u(m_row + j * m_cs)])
-                            if mask_kind == 1:  # (compared as compute floats: no float16 ==)
-                                if mv == zero:
-                                    x = neg_inf
-                            else:
-                                x = x + mv
-                        if use_alibi:
-                            x = x - slope * ct(abs(p - j))
-                        sP[at] = x
+                        sP[at] = variant_score(sP[at], inside, i, p, j, L, S, left, right,
+                                               softcap, m, m_row, m_cs, mask_kind, slope,
+                                               use_alibi)
                 for c in range(TN):
                     for r in range(TM):
                         s[r, c] = sP[col_of(c, tx, RN) * u(PQ) + row_of(r, ty)]
@@ -358,17 +410,9 @@ def fused_attention_kernel(tiles: FusedTiles, compute: np.dtype):
             # online softmax: the new row max, the weights exp(x - max), the old sums rescaled
             row_max_all(tile_max, sRed, ty, tx)
             for r in range(TM):
-                new_max = max(row_max[r], tile_max[r])
-                if new_max == neg_inf:
-                    # every key so far is masked: weights 0 (a NaN stays NaN), no exp(-inf + inf)
-                    alpha[r] = one
-                    for c in range(TN):
-                        x = s[r, c]
-                        s[r, c] = x - x if x != neg_inf else zero
-                else:
-                    alpha[r] = math.exp(row_max[r] - new_max)
-                    for c in range(TN):
-                        s[r, c] = math.exp(s[r, c] - new_max)
+                new_max, alpha[r] = rescale(row_max[r], tile_max[r])
+                for c in range(TN):
+                    s[r, c] = weight(s[r, c], new_max)
                 tile_sum = zero
                 for c in range(TN):
                     tile_sum += s[r, c]
@@ -383,7 +427,7 @@ def fused_attention_kernel(tiles: FusedTiles, compute: np.dtype):
                     sP[col_of(c, tx, RN) * u(PQ) + row_of(r, ty)] = s[r, c]
             if j0 + BK < k_end:  # the next key tile, in flight while the values are used
                 load_tile(pre, k, k_base + (j0 + BK) * k_rs, k_rs, k_cs, S - j0 - BK, E, FE,
-                          BK * FE // NT, tid)
+                          BK * FE // NT, tid, salt)
             cuda.syncthreads()
             # weights @ values: an outer product of a run of weights and one of values per key
             for jj in range(BK):
@@ -399,14 +443,12 @@ def fused_attention_kernel(tiles: FusedTiles, compute: np.dtype):
         for r in range(TM):
             i = q0 + i64(row_of(r, ty))
             if i < L:
-                t_sum = row_sum[r]
-                keep = t_sum > zero or t_sum != t_sum
-                inv = one / t_sum if keep else zero
+                inv, row_lse = finish(row_sum[r], row_max[r])
                 for c in range(TD):
                     col = c0 + i64(col_of(c, tx, RD))
                     if col < Ev:
                         out[n, i, col] = acc[r, c] * inv
                 if tx == u(0) and c0 == 0:
-                    lse[n, i] = row_max[r] + math.log(t_sum) if keep else neg_inf
+                    lse[n, i] = row_lse
 
     return attention
