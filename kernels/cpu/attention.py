@@ -1,8 +1,9 @@
 """The fused attention kernel for the CPU (Numba, parallel): flash-style, never storing the L x S
 scores.
 
-It takes prepared input (see ``fastattn._prepare``): C-contiguous arrays in the compute dtype with
-the leading dims flattened, query head ``n`` using key/value head ``n // group``, and a mask read
+It takes prepared input (see ``fastattn._prepare``): C-contiguous arrays in the compute dtype (or
+float16 and bfloat16 q, k, v as integer views of their bits, widened as they are loaded, see
+``widen``) with the leading dims flattened, query head ``n`` using key/value head ``n // group``, and a mask read
 in place (a ``MaskArgs``, see ``options``). Outputs are written into arrays the caller allocates.
 Its block products are register tiles (``tile``), with no BLAS call inside, so results do not
 depend on the thread count.
