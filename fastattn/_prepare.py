@@ -42,8 +42,8 @@ def is_numba_device_array(x) -> bool:
 
 def check_float_dtype(dtype, name: str) -> None:
     if dtype not in (np.float16, np.float32, np.float64) and not is_bfloat16(dtype):
-        raise TypeError(f"{name} must be a float16, bfloat16 (ml_dtypes), float32 or float64 "
-                        f"array, got dtype {dtype}")
+        raise TypeError(f"{name} must be a float16, float32 or float64 array (or "
+                        f"ml_dtypes.bfloat16), got dtype {dtype}")
 
 
 def check_float_array(x, name: str):

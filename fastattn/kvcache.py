@@ -58,7 +58,10 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             kernel yet and raises.
 
     Returns:
-        out (B, Hq, Lq, Ev) in q's dtype, or ``(out, lse)``. A query row that sees no key (an
+        out (B, Hq, Lq, Ev) in q's dtype, or ``(out, lse)``. float16 and bfloat16
+        (``ml_dtypes``) caches are read in place and widened to float32 as they are loaded
+        (no float32 copy of the cache); the result, computed in float32, comes back in their
+        dtype and the lse in float32. A query row that sees no key (an
         empty cache without new keys) gives zeros and lse -inf.
 
     Example:
