@@ -19,14 +19,16 @@ setup(
     extras_require={
         # The tests of optional features run in CI: the test extra brings their packages.
         "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "matplotlib>=3.6",
-                 "dask[array]>=2024.1", "distributed>=2024.1",
+                 "dask[array]>=2024.1", "distributed>=2024.1", "ml_dtypes>=0.3",
                  # test_cli builds a wheel with --no-build-isolation: the setuptools of a fresh
                  # Python 3.11 venv (65) has no bdist_wheel without the wheel package.
                  "setuptools>=70.1"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.6", "threadpoolctl>=3"],
         "cuda": ["numba-cuda>=0.20"],
-        "torch": ["torch>=2.1"],
-        "hf": ["torch>=2.1", "transformers>=5.24"],  # the mask interface as of 5.24 (tested)
+        # ml_dtypes: bfloat16 tensors reach the kernels in place as its NumPy bfloat16
+        "torch": ["torch>=2.1", "ml_dtypes>=0.3"],
+        # transformers: the mask interface as of 5.24 (tested)
+        "hf": ["torch>=2.1", "ml_dtypes>=0.3", "transformers>=5.24"],
         "dask": ["dask[array]>=2024.1", "distributed>=2024.1"],
     },
     entry_points={"console_scripts": ["fastattn=fastattn.__main__:main"]},

@@ -168,7 +168,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
             ``"numba"`` or ``"cuda"``.
 
     Returns:
-        out of shape (..., L, Ev) in the input dtype (float16 is computed in float32), or
+        out of shape (..., L, Ev) in the input dtype (float16 and bfloat16 are computed in
+        float32, the result rounded to nearest even), or
         ``(out, lse)`` with ``return_lse``. A query row with no key taking part gives zeros and
         lse = -inf.
 
@@ -187,8 +188,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
         return _backends.module("cuda").scaled_dot_product_attention(
             query, key, value, attn_mask, is_causal, scale, enable_gqa,
             similarity=similarity, return_lse=return_lse, **variants)
+    # The CPU kernel reads 16-bit inputs in place and widens them as it loads them.
     p = _prepare.prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
-                                   similarity, **variants)
+                                   similarity, keep_sixteen_bit=name == "numba", **variants)
     if name == "numpy":
         q, k, v, mask = _reference_inputs(p, query, key, value, attn_mask)
         out, lse = reference.scaled_dot_product_attention(

@@ -154,6 +154,9 @@ def _as_device_array(x):
     """A :class:`DeviceInput` for a GPU array, or ``x`` unchanged."""
     if x is None:
         return x
+    if _prepare.is_bfloat16(getattr(x, "dtype", np.float32)):
+        raise TypeError("the cuda backend has no bfloat16 kernels: pass float16, float32 or "
+                        "float64 arrays, or use backend='numba' for bfloat16")
     if _prepare.is_numba_device_array(x):
         return DeviceInput(x)
     if hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray):

@@ -41,6 +41,8 @@ def _kernels():
 COMPILE_SECONDS = {"attention": 17, "attention_weights": 3, "softmax": 2, "similarity": 2,
                    "attention_backward": 20, "attend_rows": 20, "merge_rows": 3, "linear": 3}
 _announced = set()
+# The integer views that 16-bit inputs reach the kernels as (``kernel_input``), by what they hold.
+SIXTEEN_BIT_NAMES = {"int16": "float16", "uint16": "bfloat16"}
 
 
 def _announce_compiles() -> None:
@@ -57,6 +59,7 @@ def _announce_compiles() -> None:
             if name not in COMPILE_SECONDS or not module.startswith(__package__ + ".kernels.cpu"):
                 return
             dtype = next((str(t.dtype) for t in ev.data["args"] if hasattr(t, "dtype")), "")
+            dtype = SIXTEEN_BIT_NAMES.get(dtype, dtype)
             if (name, dtype) in _announced:
                 return
             _announced.add((name, dtype))
@@ -76,6 +79,15 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     view = a.view()
     view.flags.writeable = False
     return view
+
+
+def kernel_input(a: np.ndarray) -> np.ndarray:
+    """An input as the kernels read it, read-only and in place: a float16 or bfloat16 array as
+    the integer view of its bits that says which it is (see ``kernels/cpu/widen.py``), which
+    the kernels widen to float32 as they load it; other dtypes as they are."""
+    from .kernels.cpu.widen import STORAGE_VIEWS
+    view = STORAGE_VIEWS.get(a.dtype.name)
+    return _readonly(a if view is None else a.view(view))
 
 
 _NO_ROWS = np.zeros(1, np.int64)
@@ -174,7 +186,7 @@ def attention(p: AttentionProblem, want_lse: bool):
         with _lock:  # no BLAS inside: the kernel has its own block products
             key_panels, value_panels = _scratch_arrays(
                 [(n_kv, -(-S // cols), E * cols), (n_kv, -(-Ev // cols), S * cols)], p.dtype)
-            cpu.attention(_readonly(p.q), _readonly(p.k), _readonly(p.v), p.group,
+            cpu.attention(kernel_input(p.q), kernel_input(p.k), kernel_input(p.v), p.group,
                           p.dtype.type(p.scale), _pattern(p), _mask_args(p.mask, p.dtype),
                           _query_block(p), BLOCK_K, key_panels, value_panels, out, lse)
     return out, (lse if want_lse else None)

@@ -20,9 +20,19 @@ ALIGNMENTS = ("top_left", "bottom_right")
 NO_LIMIT = 1 << 62
 
 
+def is_bfloat16(dtype) -> bool:
+    """``ml_dtypes.bfloat16`` (known by its name: ml_dtypes is optional, never imported here)."""
+    return np.dtype(dtype).name == "bfloat16"
+
+
+def is_sixteen_bit(dtype) -> bool:
+    """float16 or bfloat16: computed in float32, read in place by the CPU kernels."""
+    return np.dtype(dtype) == np.float16 or is_bfloat16(dtype)
+
+
 def compute_dtype(dtype: np.dtype) -> np.dtype:
-    """float16 is computed in float32; float32 and float64 in themselves."""
-    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
+    """float16 and bfloat16 are computed in float32; float32 and float64 in themselves."""
+    return np.dtype(np.float32) if is_sixteen_bit(dtype) else np.dtype(dtype)
 
 
 def is_numba_device_array(x) -> bool:
@@ -31,8 +41,9 @@ def is_numba_device_array(x) -> bool:
 
 
 def check_float_dtype(dtype, name: str) -> None:
-    if dtype not in (np.float16, np.float32, np.float64):
-        raise TypeError(f"{name} must be a float16, float32 or float64 array, got dtype {dtype}")
+    if dtype not in (np.float16, np.float32, np.float64) and not is_bfloat16(dtype):
+        raise TypeError(f"{name} must be a float16, float32 or float64 array (or "
+                        f"ml_dtypes.bfloat16), got dtype {dtype}")
 
 
 def check_float_array(x, name: str):
@@ -113,7 +124,7 @@ def check_mask(mask, name: str, target_shape: tuple, target_desc: str) -> np.nda
     """Check dtype (bool or float) and that ``mask`` broadcasts to ``target_shape``."""
     if not is_numba_device_array(mask):
         mask = np.asarray(mask)
-    if mask.dtype != np.bool_ and mask.dtype.kind != "f":
+    if mask.dtype != np.bool_ and mask.dtype.kind != "f" and not is_bfloat16(mask.dtype):
         raise TypeError(
             f"{name} must be a bool array (True = takes part) or a float array (added to the "
             f"scores), got dtype {mask.dtype}")
@@ -245,8 +256,8 @@ def check_variants(alignment, window, softcap, alibi_slopes, is_causal: bool, le
 @dataclass
 class AttentionProblem:
     """SDPA inputs with leading dims flattened: query head n uses key/value head n // group."""
-    q: np.ndarray       # (N, L, E)
-    k: np.ndarray       # (N // group, S, E)
+    q: np.ndarray       # (N, L, E), in ``dtype`` or (``keep_sixteen_bit``) in ``in_dtype``
+    k: np.ndarray       # (N // group, S, E), likewise
     v: np.ndarray       # (N // group, S, Ev), or None for attention_weights
     group: int
     scale: float
@@ -364,19 +375,25 @@ def check_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa, 
 
 
 def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa, similarity,
-                      *, need_value: bool = True, **variants) -> AttentionProblem:
+                      *, need_value: bool = True, keep_sixteen_bit: bool = False,
+                      **variants) -> AttentionProblem:
     """Check SDPA-style input and build the flattened problem (see ``AttentionProblem``);
-    ``variants`` are ``alignment``, ``window``, ``softcap`` and ``alibi_slopes``."""
+    ``variants`` are ``alignment``, ``window``, ``softcap`` and ``alibi_slopes``.
+
+    ``keep_sixteen_bit``: float16 and bfloat16 q, k and v stay in their own dtype (read in place
+    by a kernel that widens them as it loads them) instead of becoming float32 copies; cosine
+    similarity, which normalises the rows first, always computes them in float32."""
     a = check_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa, similarity,
                         need_value=need_value, **variants)
     dtype = a.dtype
     mask = None if a.mask is None else mask_in_place(a.mask, a.weights_shape, dtype)
     N, L, E, S, Ev, group = a.N, a.L, a.E, a.S, a.Ev, a.group
-    q = contiguous(a.query, dtype).reshape(N, L, E)
-    k = contiguous(a.key, dtype).reshape(N // group, S, E)
+    storage = a.in_dtype if keep_sixteen_bit and similarity != "cosine" else dtype
+    q = contiguous(a.query, storage).reshape(N, L, E)
+    k = contiguous(a.key, storage).reshape(N // group, S, E)
     if similarity == "cosine":
         q, k = unit_rows(q), unit_rows(k)
-    v = contiguous(a.value, dtype).reshape(N // group, S, Ev) if need_value else None
+    v = contiguous(a.value, storage).reshape(N // group, S, Ev) if need_value else None
     return AttentionProblem(q, k, v, group, a.scale, a.causal, mask, a.variants,
                             (*a.lead, L, Ev), (*a.lead, L), a.weights_shape, a.in_dtype, dtype)
 

@@ -60,7 +60,10 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             ones are copied in, the new rows written into the user's caches).
 
     Returns:
-        out (B, Hq, Lq, Ev) in q's dtype, or ``(out, lse)``. A query row that sees no key (an
+        out (B, Hq, Lq, Ev) in q's dtype, or ``(out, lse)``. float16 and bfloat16
+        (``ml_dtypes``) caches are read in place and widened to float32 as they are loaded
+        (no float32 copy of the cache); the result, computed in float32, comes back in their
+        dtype and the lse in float32. A query row that sees no key (an
         empty cache without new keys) gives zeros and lse -inf.
 
     Example:
@@ -123,8 +126,11 @@ def _reference(a: _prepare.KVCacheArgs, window):
 
 def flat_view(x: np.ndarray, dtype) -> tuple[np.ndarray, tuple]:
     """A read-only 1-d view of the memory ``x`` spans from its first element, and x's strides
-    in elements: the kernels read x in place through it. A copy only when x is not in ``dtype``
-    or its last dim is not contiguous (or a stride is negative)."""
+    in elements: the kernels read x in place through it (float16 and bfloat16 as the integer
+    views of their bits that the kernels widen as they load, ``_numba.kernel_input``). A copy
+    only when x is not in ``dtype`` or its last dim is not contiguous (or a stride is
+    negative)."""
+    from ._numba import kernel_input
     if (x.dtype != dtype or (x.shape[-1] > 1 and x.strides[-1] != x.itemsize)
             or any(s < 0 for s in x.strides) or any(s % x.itemsize for s in x.strides)):
         x = np.ascontiguousarray(x, dtype=dtype)
@@ -134,7 +140,7 @@ def flat_view(x: np.ndarray, dtype) -> tuple[np.ndarray, tuple]:
         x = np.zeros(1, dtype)
     flat = np.lib.stride_tricks.as_strided(x, shape=(max(span, 1),), strides=(x.itemsize,),
                                            writeable=False)
-    return flat, strides
+    return kernel_input(flat), strides
 
 
 def row_variants(left, right, softcap, alibi, heads, scale, dtype):
@@ -192,7 +198,7 @@ def run_rows(qbuf, kbuf, vbuf, out, lse, rows, variants, blocks, nsplit):
     items, slot_start, merges, parts = schedule(blocks, rows.group, nsplit,
                                                 numba.get_num_threads())
     max_rows = max([(it[3] - it[2]) * rows.group for it in items] + [1])
-    dtype = qbuf.dtype
+    dtype = out.dtype  # the compute dtype (the inputs may be 16-bit)
     part_out = np.empty((max(parts, 1), rows.Ev), dtype)
     part_lse = np.empty(max(parts, 1), dtype)
     with _lock:
@@ -206,9 +212,10 @@ def _numba_decode(a: _prepare.KVCacheArgs, num_splits):
     from .kernels.cpu.options import RowsLayout
     dtype = a.dtype
     B, Hq, Hkv, Lq, E, Ev, group = a.B, a.Hq, a.Hkv, a.Lq, a.E, a.Ev, a.group
-    qbuf, qs = flat_view(a.q, dtype)  # read in place, as the caches
-    kbuf, ks = flat_view(a.k_cache, dtype)
-    vbuf, vs = flat_view(a.v_cache, dtype)
+    # read in place, as the caches (16-bit ones too: the kernel widens them as it loads)
+    qbuf, qs = flat_view(a.q, a.in_dtype)
+    kbuf, ks = flat_view(a.k_cache, a.in_dtype)
+    vbuf, vs = flat_view(a.v_cache, a.in_dtype)
     if a.paged:
         table, block_size = a.block_table, a.k_cache.shape[2]
     else:  # a contiguous cache is a paged one of one block per row

@@ -9,9 +9,11 @@ CPU tensors are read in place as NumPy arrays (no copy of contiguous, or as the 
 them, strided tensors) and the result is handed back with ``torch.from_numpy`` (no copy). CUDA
 tensors go to the ``cuda`` backend through ``__cuda_array_interface__`` and come back as CUDA
 tensors on the same device (the cuda backend runs on Numba's default stream: the caller's stream
-is synchronised before and after). bfloat16 tensors are computed in float32 and returned as
-bfloat16: for now the adapter converts them (a float32 copy of q, k, v; reading 16-bit inputs
-in place in the kernels comes later); float16 is widened by fastattn itself.
+is synchronised before and after). float16 and bfloat16 CPU tensors are read in place too (a
+bfloat16 tensor as a NumPy array of ``ml_dtypes.bfloat16``, a view of the same memory) and the
+kernels widen them to float32 as they load them; the result, computed in float32, comes back in
+the input dtype (rounded to nearest even) and the lse in float32. Without ml_dtypes installed
+bfloat16 tensors are converted to float32 copies first (same results, more memory).
 
 The differences from PyTorch: ``dropout_p`` must be 0; a query row with no key taking part gives
 zeros (as PyTorch 2.13's CPU kernels do); a mask combines with ``is_causal`` (PyTorch refuses
@@ -34,7 +36,15 @@ __all__ = ["scaled_dot_product_attention"]
 # The keyword-only options of fastattn.scaled_dot_product_attention, taken as **fastattn_options.
 OPTIONS = ("similarity", "alignment", "window", "softcap", "alibi_slopes", "return_lse",
            "backend")
-_SIXTEEN_BIT_CONVERTED = (torch.bfloat16,)  # NumPy has no bfloat16: computed via float32 here
+
+
+def _bfloat16():
+    """ml_dtypes' bfloat16 NumPy dtype, or None when ml_dtypes is not installed."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 def _check_tensors(query, key, value, attn_mask, alibi_slopes):
@@ -69,13 +79,19 @@ def _check_tensors(query, key, value, attn_mask, alibi_slopes):
 
 
 def _as_array(t):
-    """The tensor's data as fastattn reads it: a NumPy view of a CPU tensor, the (detached) CUDA
-    tensor itself (``__cuda_array_interface__``); bfloat16 widened to float32 (a copy)."""
+    """The tensor's data as fastattn reads it: a NumPy view of a CPU tensor (bfloat16 as
+    ``ml_dtypes.bfloat16``, the same memory; a float32 copy without ml_dtypes), the (detached)
+    CUDA tensor itself (``__cuda_array_interface__``; bfloat16 as a float32 copy there, the CUDA
+    kernels take no bfloat16)."""
     if t is None:
         return None
     t = t.detach()
-    if t.dtype in _SIXTEEN_BIT_CONVERTED:
-        t = t.float()
+    if t.dtype == torch.bfloat16:
+        bfloat16 = _bfloat16() if t.device.type == "cpu" else None
+        if bfloat16 is None:
+            t = t.float()
+        else:  # NumPy has no bfloat16: its bits, viewed as ml_dtypes' (no copy)
+            return t.view(torch.int16).numpy().view(bfloat16)
     return t.numpy() if t.device.type == "cpu" else t
 
 
@@ -84,6 +100,8 @@ def _as_tensor(x, like_dtype, device):
     if isinstance(x, np.ndarray):
         if not x.flags.writeable:  # torch.from_numpy wants a writable array
             x = x.copy()
+        if x.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: torch takes its bits (no copy)
+            return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
         t = torch.from_numpy(x)
     else:  # a Numba device array on ``device``
         t = torch.as_tensor(x, device=device)

@@ -109,9 +109,9 @@ def _numba_varlen(a: _prepare.VarlenArgs, window):
     dtype = a.dtype
     B, Hq, Hkv, E, Ev, group = a.B, a.Hq, a.Hkv, a.E, a.Ev, a.group
     total_q = a.q.shape[0]
-    qbuf, qs = flat_view(a.q, dtype)
-    kbuf, ks = flat_view(a.k, dtype)
-    vbuf, vs = flat_view(a.v, dtype)
+    qbuf, qs = flat_view(a.q, a.in_dtype)  # 16-bit ones too, widened as they are loaded
+    kbuf, ks = flat_view(a.k, a.in_dtype)
+    vbuf, vs = flat_view(a.v, a.in_dtype)
     out = np.empty((total_q, Hq, Ev), dtype)
     lse = np.empty((Hq, total_q), dtype)
     L = np.diff(a.cu_q)

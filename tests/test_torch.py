@@ -289,6 +289,37 @@ def test_inputs_that_need_grad_are_not_copied(rng, kernel_inputs):
     assert out.grad_fn is not None
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_sixteen_bit_inputs_are_read_in_place(rng, kernel_inputs, dtype):
+    """No float32 copy: the kernel reads the tensors' own 16-bit memory (bfloat16 through
+    ml_dtypes), and the result is fastattn's float32 computation on the widened inputs, rounded
+    to the tensors' dtype."""
+    if dtype == torch.bfloat16:
+        pytest.importorskip("ml_dtypes")
+    q, k, v = (torch.from_numpy(x).to(dtype) for x in make(rng, (2, 4, 50, 16), (2, 2, 60, 16)))
+    before = [t.clone() for t in (q, k, v)]
+    out, lse = ft.scaled_dot_product_attention(q, k, v, enable_gqa=True, is_causal=True,
+                                               return_lse=True)
+    assert (kernel_inputs["q"], kernel_inputs["k"], kernel_inputs["v"]) == \
+        (q.data_ptr(), k.data_ptr(), v.data_ptr())
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    want, want_lse = ft.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                     enable_gqa=True, is_causal=True,
+                                                     return_lse=True)
+    assert torch.equal(out.view(torch.int16), want.to(dtype).view(torch.int16))
+    assert torch.equal(lse, want_lse)
+    for t, b in zip((q, k, v), before):
+        assert torch.equal(t.view(torch.int16), b.view(torch.int16))  # never written to
+
+
+def test_bfloat16_gradients(rng):
+    """bfloat16 tensors through autograd: the fused backward (on float32 copies), the gradients
+    in bfloat16, under the accuracy rule against PyTorch."""
+    pytest.importorskip("ml_dtypes")
+    check(torch.bfloat16, *make(rng, (2, 2, 40, 16), (2, 1, 50, 16)), is_causal=True,
+          enable_gqa=True)
+
+
 def test_no_grad_and_return_lse(rng):
     q, k, v = (torch.from_numpy(x.astype(np.float32)).requires_grad_() for x in
                make(rng, (2, 30, 16), (2, 40, 16)))

@@ -1,8 +1,9 @@
 """The fused attention kernel for the CPU (Numba, parallel): flash-style, never storing the L x S
 scores.
 
-It takes prepared input (see ``fastattn._prepare``): C-contiguous arrays in the compute dtype with
-the leading dims flattened, query head ``n`` using key/value head ``n // group``, and a mask read
+It takes prepared input (see ``fastattn._prepare``): C-contiguous arrays in the compute dtype (or
+float16 and bfloat16 q, k, v as integer views of their bits, widened as they are loaded, see
+``widen``) with the leading dims flattened, query head ``n`` using key/value head ``n // group``, and a mask read
 in place (a ``MaskArgs``, see ``options``). Outputs are written into arrays the caller allocates.
 Its block products are register tiles (``tile``), with no BLAS call inside, so results do not
 depend on the thread count.
@@ -15,6 +16,7 @@ from numba import prange
 from ._jit import exp_nonpositive, jit, maxnum, parallel_jit
 from .rows import pattern_row
 from .tile import ROWS, tile_product, tile_product_add, tile_width
+from .widen import widen
 
 
 # Weights below exp(NEGLIGIBLE) of the row's max are made 0: together they are below S * 1.6e-28 of
@@ -68,10 +70,12 @@ def pack_panels(k, v, key_panels, value_panels):
     ``key_panels[n, p]`` holds k[n]^T for keys p*cols.. as (E, cols) row-major, and
     ``value_panels[n, c]`` holds v[n][:, c*cols:(c+1)*cols] as (S, cols) row-major (cols =
     ``tile_cols``). Each tile row is then one aligned run of 64 bytes (the caller aligns the
-    panels), read in order."""
+    panels), read in order. 16-bit k and v (integer views, see ``widen``) are widened here, as
+    they are copied: the kernel reads them in place and never makes a float32 copy beside the
+    panels."""
     N, S, E = k.shape
     Ev = v.shape[2]
-    cols = tile_width(k)  # a constant: whole panels copy in loops of known length
+    cols = tile_width(key_panels)  # a constant: whole panels copy in loops of known length
     n_panels = key_panels.shape[1]
     n_chunks = value_panels.shape[1]
     for item in prange(N * n_panels):
@@ -83,12 +87,12 @@ def pack_panels(k, v, key_panels, value_panels):
         if keys == cols:
             for jj in range(cols):
                 for d in range(E):
-                    panel[d * cols + jj] = k_rows[jj * E + d]
+                    panel[d * cols + jj] = widen(k_rows[jj * E + d])
         else:
             panel[:] = 0
             for jj in range(keys):
                 for d in range(E):
-                    panel[d * cols + jj] = k_rows[jj * E + d]
+                    panel[d * cols + jj] = widen(k_rows[jj * E + d])
     for item in prange(v.shape[0] * n_chunks):
         n = item // n_chunks
         c = item % n_chunks
@@ -97,12 +101,12 @@ def pack_panels(k, v, key_panels, value_panels):
         if width == cols:
             for j in range(S):
                 for e in range(cols):
-                    chunk[j * cols + e] = v[n, j, c * cols + e]
+                    chunk[j * cols + e] = widen(v[n, j, c * cols + e])
         else:
             chunk[:] = 0
             for j in range(S):
                 for e in range(width):
-                    chunk[j * cols + e] = v[n, j, c * cols + e]
+                    chunk[j * cols + e] = widen(v[n, j, c * cols + e])
 
 
 # Query rows per group: GROUP // ROWS register tiles share each key and value tile while it is in
@@ -117,8 +121,8 @@ def attention_block(q, key_panels, value_panels, S, n, q0, q1, scale, pattern, m
     of its key/value head, laid out in tiles in ``key_panels`` and ``value_panels`` (flat)."""
     _, L, E = q.shape
     Ev = out.shape[2]
-    dtype = q.dtype
-    cols = tile_width(q)
+    dtype = key_panels.dtype  # the compute dtype (q may hold 16-bit inputs, see ``widen``)
+    cols = tile_width(key_panels)
     ev_padded = -(-Ev // cols) * cols
     keys_padded = -(-block_k // cols) * cols
     bq = q1 - q0
@@ -128,7 +132,7 @@ def attention_block(q, key_panels, value_panels, S, n, q0, q1, scale, pattern, m
     q_block = np.zeros((rows_padded, E), dtype)
     for i in range(bq):  # a loop, not an array assignment: its shape check costs seconds to compile
         for d in range(E):
-            q_block[i, d] = q[n, q0 + i, d] * scale
+            q_block[i, d] = widen(q[n, q0 + i, d]) * scale
     q_flat = q_block.reshape(-1)
     scores = np.empty(GROUP * keys_padded, dtype)
     acc = np.zeros((rows_padded, ev_padded), dtype)

@@ -9,6 +9,9 @@ lists them, splits long key ranges across threads (flash-decoding) and deals the
 threads by cost. A split writes its normalised (out, lse) to scratch, merged exactly afterwards
 (out = sum_i out_i exp(lse_i - lse), as ``merge_attention``). Which thread runs an item never
 changes its result, so results do not depend on the thread count.
+
+16-bit inputs (integer views of their bits, see ``widen``) are read in place too and widened to
+float32 as each element is loaded: no float32 copy of a cache is ever made.
 """
 import math
 
@@ -16,6 +19,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import exp_nonpositive, jit, maxnum, parallel_jit
+from .widen import widen
 
 # Keys per chunk of the online softmax: the chunk's scores stay in the L1 cache.
 CHUNK = 64
@@ -33,7 +37,7 @@ def _scores(qs, R, kbuf, kb, k_pos, n, E, scale, scores):
         while r + 4 <= R:
             s0 = s1 = s2 = s3 = qs.dtype.type(0)
             for e in range(E):
-                x = key[e]
+                x = widen(key[e])
                 s0 += qs[r, e] * x
                 s1 += qs[r + 1, e] * x
                 s2 += qs[r + 2, e] * x
@@ -46,7 +50,7 @@ def _scores(qs, R, kbuf, kb, k_pos, n, E, scale, scores):
         while r < R:
             s0 = qs.dtype.type(0)
             for e in range(E):
-                s0 += qs[r, e] * key[e]
+                s0 += qs[r, e] * widen(key[e])
             scores[r, c] = s0 * scale
             r += 1
 
@@ -61,7 +65,7 @@ def _accumulate(scores, R, vbuf, vb, v_pos, n, Ev, acc):
             p = scores[r, c]
             if p != 0:
                 for e in range(Ev):
-                    acc[r, e] += p * value[e]
+                    acc[r, e] += p * widen(value[e])
 
 
 @jit
@@ -78,7 +82,7 @@ def _attend_item(item, qbuf, kbuf, vbuf, out, lse, part_out, part_lse, rows, var
         h = g * group + r % group
         base = rows.q_first[b] + t * rows.q_pos + h * rows.q_head
         for e in range(E):
-            qs[r, e] = qbuf[base + e]
+            qs[r, e] = widen(qbuf[base + e])
         row_max[r] = -np.inf
         row_sum[r] = 0
         for e in range(Ev):
@@ -202,8 +206,9 @@ def attend_rows(qbuf, kbuf, vbuf, out, lse, rows, variants, items, slot_start, m
     position, first and end key, partial-row base or -1), thread slot s taking items
     slot_start[s]:slot_start[s + 1]. ``out`` and ``lse`` are flat views of the outputs,
     ``qbuf``, ``kbuf``, ``vbuf`` flat views of the inputs (see ``RowsLayout``); an item with a
-    partial-row base writes its rows there instead, for ``merge_rows``."""
-    dtype = qbuf.dtype
+    partial-row base writes its rows there instead, for ``merge_rows``. The compute dtype is
+    ``out``'s (the inputs may be 16-bit, widened as they are loaded)."""
+    dtype = out.dtype
     for slot in prange(slot_start.shape[0] - 1):
         qs = np.empty((max_rows, rows.E), dtype)
         scores = np.empty((max_rows, CHUNK), dtype)
