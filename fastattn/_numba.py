@@ -178,6 +178,10 @@ def _query_block(p: AttentionProblem) -> int:
 def attention(p: AttentionProblem, want_lse: bool):
     N, L, E = p.q.shape
     n_kv, S, Ev = p.v.shape
+    from . import kvcache
+    if N and kvcache.sdpa_on_row_kernel(p):
+        out, lse = kvcache.sdpa_rows(p)
+        return out, (lse if want_lse else None)
     out = np.empty((N, L, Ev), p.dtype)
     lse = np.empty((N, L), p.dtype)
     if N and L:

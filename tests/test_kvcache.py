@@ -345,3 +345,53 @@ def test_bench_decode_and_varlen_cases_run(monkeypatch, capsys):
     assert len(varlen_rows) == 2
     if importlib.util.find_spec("torch") is not None:  # every figure there, none missing
         assert "nan" not in decode_row and not any("nan" in row for row in varlen_rows)
+
+
+# --- few query rows through scaled_dot_product_attention ------------------------------------
+
+ROW_KERNEL_CASES = [
+    (1, 300, 8, 2, {}),
+    (1, 300, 8, 2, dict(is_causal=True, alignment="bottom_right")),
+    (4, 70, 4, 4, dict(is_causal=True, alignment="bottom_right")),
+    (3, 70, 4, 2, dict(window=(10, 0), is_causal=True, alignment="bottom_right", softcap=5.0)),
+    (16, 40, 2, 2, dict(softcap=3.0)),
+    (2, 50, 4, 4, dict(alibi_slopes=np.array([0.1, 0.2, 0.3, 0.4]), is_causal=True,
+                       alignment="bottom_right")),
+    (3, 2, 2, 2, dict(is_causal=True, alignment="bottom_right")),  # rows that see no key
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", ROW_KERNEL_CASES, ids=lambda c: f"L{c[0]}-S{c[1]}-{sorted(c[4])}")
+def test_sdpa_with_few_query_rows_runs_on_the_row_kernel(monkeypatch, case, dtype):
+    """A decode step through plain SDPA (transformers' cache makes it) reads k and v in place on
+    the row kernel instead of laying them out for the fused one, with the same results."""
+    from fastattn import kvcache
+    L, S, H, Hkv, opts = case
+    rng = np.random.default_rng(L * 1000 + S)
+    q = rng.standard_normal((2, H, L, 32)).astype(dtype)
+    k = rng.standard_normal((2, Hkv, S, 32)).astype(dtype)
+    v = rng.standard_normal((2, Hkv, S, 24)).astype(dtype)
+    calls = []
+    real = kvcache.sdpa_rows
+    monkeypatch.setattr(kvcache, "sdpa_rows", lambda p: calls.append(p) or real(p))
+    got = fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=H != Hkv, return_lse=True,
+                                                backend="numba", **opts)
+    assert len(calls) == 1
+    assert_matches_reference(got, reference.scaled_dot_product_attention, q, k, v,
+                             enable_gqa=H != Hkv, return_lse=True, **opts)
+
+
+def test_sdpa_row_kernel_only_where_it_computes_the_same(monkeypatch):
+    from fastattn import kvcache
+    calls = []
+    monkeypatch.setattr(kvcache, "sdpa_rows", lambda p: calls.append(p))
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 2, n, 8)) for n in (2, 9, 9))
+    mask = rng.random((2, 9)) < 0.5
+    # a mask, top-left causal with L < S, many rows: the fused kernel
+    fastattn.scaled_dot_product_attention(q, k, v, mask, backend="numba")
+    fastattn.scaled_dot_product_attention(q, k, v, is_causal=True, backend="numba")
+    q_many = rng.standard_normal((1, 2, 17, 8))
+    fastattn.scaled_dot_product_attention(q_many, k, v, backend="numba")
+    assert not calls
