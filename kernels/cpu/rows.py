@@ -4,13 +4,14 @@ Each works on one row as a contiguous 1-d array, so that LLVM vectorises its loo
 """
 import numpy as np
 
-from ._jit import exp_nonpositive, jit, maxnum, tanh
+from ._jit import exp_nonpositive, jit, maxnum, prefer_512_bit_vectors, tanh
 
 
 @jit
 def apply_mask_row(row, r, col0, mask):
     """Apply ``mask`` (a ``MaskArgs``) to ``row``, the keys from ``col0`` on of row ``r`` of the
     flattened (rows, cols) problem."""
+    prefer_512_bit_vectors()
     if mask.kind == 0:
         return
     n = row.shape[0]
@@ -59,6 +60,7 @@ def mask_outside(row, first_kept, end_kept):
 @jit
 def softcap_row(row, softcap):
     """Logit softcapping (Gemma 2): s -> softcap * tanh(s / softcap)."""
+    prefer_512_bit_vectors()
     inv = row.dtype.type(1.0) / softcap  # (1 / a float32 would be a float64 in Numba)
     for j in range(row.shape[0]):
         row[j] = softcap * tanh(row[j] * inv)
@@ -68,6 +70,7 @@ def softcap_row(row, softcap):
 def alibi_row(row, slope, position):
     """ALiBi: adds -slope * |position - j| to key j of ``row`` (``position``: the query's position
     minus the row's first key, so possibly outside the row)."""
+    prefer_512_bit_vectors()
     # The distance as a float counting down, exact for any |position - j| < 2^24: AVX2 has no
     # vector int64 -> float conversion, so dtype(position - j) would make the loop scalar.
     distance = row.dtype.type(position)
@@ -90,6 +93,38 @@ def pattern_row(row, r, n, position, col0, mask, pattern, windowed):
         mask_outside(row, position - pattern.left - col0, position + pattern.right + 1 - col0)
     if pattern.has_alibi:
         alibi_row(row, pattern.alibi[n], position - col0)
+
+
+@jit
+def max_of_row(row, row_max):
+    """The max of ``row_max`` and the scores of ``row`` (NaN ignored: see ``maxnum``)."""
+    prefer_512_bit_vectors()
+    for j in range(row.shape[0]):
+        row_max = maxnum(row_max, row[j])
+    return row_max
+
+
+@jit
+def pattern_row_max(row, r, n, position, col0, mask, pattern, windowed, row_max):
+    """``pattern_row``, then the max of ``row_max`` and the row's new scores. With ALiBi and no
+    mask or window edge in the row (the common case) the bias is added in the loop that finds
+    the max. (The softcap stays a loop of its own: with the max in it, LLVM kept it scalar.)"""
+    prefer_512_bit_vectors()
+    if mask.kind != 0 or windowed or not pattern.has_alibi:
+        pattern_row(row, r, n, position, col0, mask, pattern, windowed)
+        return max_of_row(row, row_max)
+    if pattern.softcap > 0:
+        softcap_row(row, pattern.softcap)
+    slope = pattern.alibi[n]
+    # the distance as a float counting down: see alibi_row
+    distance = row.dtype.type(position - col0)
+    one = row.dtype.type(1.0)
+    for j in range(row.shape[0]):
+        s = row[j] - slope * abs(distance)
+        row[j] = s
+        row_max = maxnum(row_max, s)
+        distance -= one
+    return row_max
 
 
 @jit
