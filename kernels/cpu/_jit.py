@@ -156,7 +156,10 @@ def prefer_512_bit_vectors(typingctx):
     sig = types.none()
 
     def codegen(context, builder, signature, args):
-        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        try:
+            set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        except TypeError:  # an llvmlite whose attribute set is no set: LLVM's choice stands
+            pass
         return context.get_dummy_value()
 
     return sig, codegen

@@ -12,8 +12,8 @@ import math
 import numpy as np
 from numba import prange
 
-from ._jit import exp_nonpositive, jit, parallel_jit, prefer_512_bit_vectors
-from .rows import max_of_row, pattern_row_max
+from ._jit import exp_nonpositive, jit, maxnum, parallel_jit, prefer_512_bit_vectors
+from .rows import pattern_row
 from .tile import ROWS, tile_product, tile_product_add, tile_width
 
 
@@ -28,14 +28,11 @@ NEGLIGIBLE = -64.0
 def online_softmax_row(scores, i, row_max, row_sum, acc_row):
     """Fold one block of scores of row ``i`` into its running max and sum: rescale the row's
     accumulator to the new max and turn ``scores`` into the block's unnormalised weights."""
-    fold_row_block(scores, i, max_of_row(scores, row_max[i]), row_max, row_sum, acc_row)
-
-
-@jit
-def fold_row_block(scores, i, new_max, row_max, row_sum, acc_row):
-    """``online_softmax_row`` given ``new_max``, the max of ``row_max[i]`` and ``scores``."""
     prefer_512_bit_vectors()
     n = scores.shape[0]
+    new_max = row_max[i]
+    for j in range(n):
+        new_max = maxnum(new_max, scores[j])
     if new_max == -np.inf:
         # Every key so far is masked: weights 0 (and NaN stays NaN), no exp(-inf - -inf).
         for j in range(n):
@@ -167,14 +164,13 @@ def attention_block(q, key_panels, value_panels, S, n, q0, q1, scale, pattern, m
                                  t0 * keys_padded + panel * cols, keys_padded, E)
             # Keys wholly inside every row's window need no per-score window work.
             partial = ka < last - left or kb - 1 > first + right
+            if per_row or partial:
+                for i in range(rows):
+                    pattern_row(scores[i * keys_padded:i * keys_padded + keys],
+                                n * L + q0 + r0 + i, n, first + i, ka, mask, pattern, partial)
             for i in range(rows):
-                row = scores[i * keys_padded:i * keys_padded + keys]
-                if per_row or partial:  # the per-score steps and the max in one pass
-                    new_max = pattern_row_max(row, n * L + q0 + r0 + i, n, first + i, ka, mask,
-                                              pattern, partial, row_max[r0 + i])
-                else:
-                    new_max = max_of_row(row, row_max[r0 + i])
-                fold_row_block(row, r0 + i, new_max, row_max, row_sum, acc[r0 + i])
+                online_softmax_row(scores[i * keys_padded:i * keys_padded + keys], r0 + i, row_max,
+                                   row_sum, acc[r0 + i])
             # acc += weights @ v for the keys, a tile of value columns at a time
             for c0 in range(0, ev_padded, cols):
                 for t0 in range(0, rows, ROWS):

@@ -96,38 +96,6 @@ def pattern_row(row, r, n, position, col0, mask, pattern, windowed):
 
 
 @jit
-def max_of_row(row, row_max):
-    """The max of ``row_max`` and the scores of ``row`` (NaN ignored: see ``maxnum``)."""
-    prefer_512_bit_vectors()
-    for j in range(row.shape[0]):
-        row_max = maxnum(row_max, row[j])
-    return row_max
-
-
-@jit
-def pattern_row_max(row, r, n, position, col0, mask, pattern, windowed, row_max):
-    """``pattern_row``, then the max of ``row_max`` and the row's new scores. With ALiBi and no
-    mask or window edge in the row (the common case) the bias is added in the loop that finds
-    the max. (The softcap stays a loop of its own: with the max in it, LLVM kept it scalar.)"""
-    prefer_512_bit_vectors()
-    if mask.kind != 0 or windowed or not pattern.has_alibi:
-        pattern_row(row, r, n, position, col0, mask, pattern, windowed)
-        return max_of_row(row, row_max)
-    if pattern.softcap > 0:
-        softcap_row(row, pattern.softcap)
-    slope = pattern.alibi[n]
-    # the distance as a float counting down: see alibi_row
-    distance = row.dtype.type(position - col0)
-    one = row.dtype.type(1.0)
-    for j in range(row.shape[0]):
-        s = row[j] - slope * abs(distance)
-        row[j] = s
-        row_max = maxnum(row_max, s)
-        distance -= one
-    return row_max
-
-
-@jit
 def softmax_row_inplace(row):
     """Stable softmax of one row in place; a row with nothing kept (all -inf) becomes zeros."""
     n = row.shape[0]
