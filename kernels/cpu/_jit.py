@@ -110,7 +110,8 @@ def tanh(x):
 
     llvmlite here has no SVML, so math.tanh in a loop stays scalar (the softcap's cost); this
     one is two branch-free formulas and a select: on |x| >= 0.625, sign(x) (1 - e) / (1 + e)
-    with e = exp(-2|x|), always an ``exp_nonpositive``; below, a polynomial.
+    with e = exp(-2 min(|x|, 9.1)); below, a polynomial (at most 1.54 ulp, measured on every
+    third float32 of [2^-20, 12] and their negatives).
     """
     return math.tanh(x)
 
@@ -142,7 +143,6 @@ def _tanh_overload(x):
     return lambda x: _tanh_float32(x)
 
 
-
 @intrinsic
 def prefer_512_bit_vectors(typingctx):
     """Let LLVM vectorise the loops of the calling function with 512-bit vectors where the
@@ -150,8 +150,8 @@ def prefer_512_bit_vectors(typingctx):
 
     LLVM's tuning for AVX-512 Intel CPUs prefers 256-bit vectors in the loops it vectorises
     itself; for the per-score row steps (tanh, exp: long chains of arithmetic on each score,
-    L1-resident) the 512-bit loops take about half the instructions. Elsewhere the attribute
-    changes nothing. llvmlite knows only a fixed list of attribute names, so this one is
+    L1-resident) the 512-bit loops take about half the instructions. On machines without
+    AVX-512 the attribute changes nothing. llvmlite knows only a fixed list of attribute names, so this one is
     written into the attribute set directly (it is printed as is into the IR)."""
     sig = types.none()
 
