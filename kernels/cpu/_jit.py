@@ -110,15 +110,23 @@ def tanh(x):
 
     llvmlite here has no SVML, so math.tanh in a loop stays scalar (the softcap's cost); this
     one is two branch-free formulas and a select: on |x| >= 0.625, sign(x) (1 - e) / (1 + e)
-    with e = exp(-2|x|), always an ``exp_nonpositive``; below, a polynomial.
+    with e = exp(-2 min(|x|, 9.1)); below, a polynomial (at most 1.54 ulp, measured on every
+    third float32 of [2^-20, 12] and their negatives).
     """
     return math.tanh(x)
+
+
+# Above 9.1 tanh rounds to 1 in float32: clamping |x| there keeps exp(-2|x|) in its range without
+# a flush (NaN passes the compare) and makes tanh(inf) exactly 1.
+_TANH_CLAMP = np.float32(9.1)
 
 
 @register_jitable(fastmath=FASTMATH - {"reassoc"})
 def _tanh_float32(x):
     ax = abs(x)
-    e = exp_nonpositive(np.float32(-2.0) * ax)  # NaN stays NaN; |x| = inf gives exactly 1
+    if ax > _TANH_CLAMP:
+        ax = _TANH_CLAMP
+    e = _exp_float32_in_range(np.float32(-2.0) * ax)
     large = math.copysign((np.float32(1.0) - e) / (np.float32(1.0) + e), x)
     z = x * x
     p = _TANH_POLY[0]
@@ -133,3 +141,25 @@ def _tanh_overload(x):
     if x != types.float32:
         return lambda x: math.tanh(x)
     return lambda x: _tanh_float32(x)
+
+
+@intrinsic
+def prefer_512_bit_vectors(typingctx):
+    """Let LLVM vectorise the loops of the calling function with 512-bit vectors where the
+    machine has them (clang's -mprefer-vector-width=512, as a function attribute).
+
+    LLVM's tuning for AVX-512 Intel CPUs prefers 256-bit vectors in the loops it vectorises
+    itself; for the per-score row steps (tanh, exp: long chains of arithmetic on each score,
+    L1-resident) the 512-bit loops take about half the instructions. On machines without
+    AVX-512 the attribute changes nothing. llvmlite knows only a fixed list of attribute names, so this one is
+    written into the attribute set directly (it is printed as is into the IR)."""
+    sig = types.none()
+
+    def codegen(context, builder, signature, args):
+        try:
+            set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        except TypeError:  # an llvmlite whose attribute set is no set: LLVM's choice stands
+            pass
+        return context.get_dummy_value()
+
+    return sig, codegen

@@ -13,7 +13,7 @@ import math
 import numpy as np
 from numba import prange
 
-from ._jit import exp_nonpositive, jit, maxnum, parallel_jit
+from ._jit import exp_nonpositive, jit, maxnum, parallel_jit, prefer_512_bit_vectors
 from .rows import pattern_row
 from .tile import ROWS, tile_product, tile_product_add, tile_width
 from .widen import widen
@@ -30,6 +30,7 @@ NEGLIGIBLE = -64.0
 def online_softmax_row(scores, i, row_max, row_sum, acc_row):
     """Fold one block of scores of row ``i`` into its running max and sum: rescale the row's
     accumulator to the new max and turn ``scores`` into the block's unnormalised weights."""
+    prefer_512_bit_vectors()
     n = scores.shape[0]
     new_max = row_max[i]
     for j in range(n):

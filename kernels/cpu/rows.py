@@ -4,13 +4,14 @@ Each works on one row as a contiguous 1-d array, so that LLVM vectorises its loo
 """
 import numpy as np
 
-from ._jit import exp_nonpositive, jit, maxnum, tanh
+from ._jit import exp_nonpositive, jit, maxnum, prefer_512_bit_vectors, tanh
 
 
 @jit
 def apply_mask_row(row, r, col0, mask):
     """Apply ``mask`` (a ``MaskArgs``) to ``row``, the keys from ``col0`` on of row ``r`` of the
     flattened (rows, cols) problem."""
+    prefer_512_bit_vectors()
     if mask.kind == 0:
         return
     n = row.shape[0]
@@ -59,6 +60,7 @@ def mask_outside(row, first_kept, end_kept):
 @jit
 def softcap_row(row, softcap):
     """Logit softcapping (Gemma 2): s -> softcap * tanh(s / softcap)."""
+    prefer_512_bit_vectors()
     inv = row.dtype.type(1.0) / softcap  # (1 / a float32 would be a float64 in Numba)
     for j in range(row.shape[0]):
         row[j] = softcap * tanh(row[j] * inv)
@@ -68,6 +70,7 @@ def softcap_row(row, softcap):
 def alibi_row(row, slope, position):
     """ALiBi: adds -slope * |position - j| to key j of ``row`` (``position``: the query's position
     minus the row's first key, so possibly outside the row)."""
+    prefer_512_bit_vectors()
     # The distance as a float counting down, exact for any |position - j| < 2^24: AVX2 has no
     # vector int64 -> float conversion, so dtype(position - j) would make the loop scalar.
     distance = row.dtype.type(position)
