@@ -11,7 +11,6 @@ new rows, bit-exact, and nothing else of them is written.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 from numba import cuda
@@ -200,11 +199,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table
         n = int(a.lengths[b])
         blocks.append((b, g, r0, r1, *_key_range(n - Lq, r0, r1, group, n, a.left, a.right)))
     if num_splits is None:
-        longest = max([hi - lo for *_, lo, hi in blocks] + [0])
-        num_splits = 1
-        if len(blocks) < MIN_ITEMS:
-            num_splits = max(1, min(math.ceil(MIN_ITEMS / max(len(blocks), 1)),
-                                    longest // MIN_SPLIT_KEYS))
+        from .kvcache import default_num_splits
+        num_splits = default_num_splits(blocks, MIN_ITEMS, MIN_SPLIT_KEYS)
     _run(tiles, dtype, opq, opk, opv, table, seq, layout, a.alibi, a.scale, a.softcap, blocks,
          int(num_splits), out, lse)
     out = out.reshape((B, Hq, Lq, Ev))

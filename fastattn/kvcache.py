@@ -27,6 +27,17 @@ MIN_ITEMS = 16
 MIN_SPLIT_KEYS = 512
 
 
+def default_num_splits(blocks, min_items: int = MIN_ITEMS,
+                       min_split_keys: int = MIN_SPLIT_KEYS) -> int:
+    """Key splits per (b, g, t0, t1, lo, hi) block when the caller gave none: enough work items
+    for ``min_items``, each split at least ``min_split_keys`` keys long (shared by the cuda
+    backend with its own constants)."""
+    if len(blocks) >= min_items:
+        return 1
+    longest = max([hi - lo for *_, lo, hi in blocks] + [0])
+    return max(1, min(math.ceil(min_items / max(len(blocks), 1)), longest // min_split_keys))
+
+
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens,
                            block_table=None, is_causal=True, scale=None, window=None,
                            softcap=None, alibi_slopes=None, return_lse=False, num_splits=None,
@@ -274,11 +285,7 @@ def _numba_decode(a: _prepare.KVCacheArgs, num_splits):
                 t1 = min(Lq, t0 + per_item)
                 blocks.append((b, g, t0, t1, *key_range(offset, t0, t1, n, a.left, a.right)))
     if num_splits is None:
-        longest = max([hi - lo for *_, lo, hi in blocks] + [0])
-        num_splits = 1
-        if len(blocks) < MIN_ITEMS:
-            num_splits = max(1, min(math.ceil(MIN_ITEMS / max(len(blocks), 1)),
-                                    longest // MIN_SPLIT_KEYS))
+        num_splits = default_num_splits(blocks)
     if blocks:
         run_rows(qbuf, kbuf, vbuf, out.reshape(-1), lse.reshape(-1), rows, variants, blocks,
                  int(num_splits))
