@@ -65,6 +65,24 @@ def online_softmax_row(scores, i, row_max, row_sum, acc_row):
         acc_row[c] *= alpha
 
 
+@jit
+def finish_rows(acc, row_max, row_sum, n, q0, rows, out, lse):
+    """out[n, q0 + i] = acc[i] / row_sum[i] and lse = row_max + log(row_sum) for i < ``rows``;
+    a row where no key took part gives zeros and lse -inf (log 0)."""
+    Ev = out.shape[2]
+    for i in range(rows):
+        total = row_sum[i]
+        if total > 0 or total != total:
+            inv = 1 / total
+            for c in range(Ev):
+                out[n, q0 + i, c] = acc[i, c] * inv
+            lse[n, q0 + i] = row_max[i] + math.log(total)
+        else:
+            for c in range(Ev):
+                out[n, q0 + i, c] = 0.0
+            lse[n, q0 + i] = -np.inf
+
+
 @parallel_jit
 def pack_panels(k, v, key_panels, value_panels):
     """Lay k and v out as the tiles read them, zero past the last key and value column:
@@ -181,17 +199,7 @@ def attention_block(q, key_panels, value_panels, S, n, q0, q1, scale, pattern, m
                     tile_product_add(scores, t0 * keys_padded, keys_padded, value_panels,
                                      c0 * S + ka * cols, cols, acc_flat,
                                      (r0 + t0) * ev_padded + c0, ev_padded, keys)
-    for i in range(bq):
-        total = row_sum[i]
-        if total > 0 or total != total:
-            inv = 1 / total
-            for c in range(Ev):
-                out[n, q0 + i, c] = acc[i, c] * inv
-            lse[n, q0 + i] = row_max[i] + math.log(total)
-        else:  # no key takes part: zeros, and log(0) = -inf
-            for c in range(Ev):
-                out[n, q0 + i, c] = 0.0
-            lse[n, q0 + i] = -np.inf
+    finish_rows(acc, row_max, row_sum, n, q0, bq, out, lse)
 
 
 @parallel_jit

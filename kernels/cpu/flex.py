@@ -26,7 +26,7 @@ from numba.core.caching import FunctionCache
 from numba.extending import overload
 
 from ._jit import FASTMATH
-from .attention import GROUP, online_softmax_row
+from .attention import GROUP, finish_rows, online_softmax_row
 from .tile import ROWS, tile_product, tile_product_add, tile_width
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -232,17 +232,7 @@ def attention_kernel(score_mod, mask_mod, fingerprint=None):
                                          value_panels, c0 * S + (base + lo) * cols, cols,
                                          acc_flat, (r0 + t0) * ev_padded + c0, ev_padded,
                                          hi - lo)
-        for i in range(bq):
-            total = row_sum[i]
-            if total > 0 or total != total:
-                inv = 1 / total
-                for c in range(Ev):
-                    out[n, q0 + i, c] = acc[i, c] * inv
-                lse[n, q0 + i] = row_max[i] + math.log(total)
-            else:  # no key takes part: zeros, and log(0) = -inf
-                for c in range(Ev):
-                    out[n, q0 + i, c] = 0.0
-                lse[n, q0 + i] = -np.inf
+        finish_rows(acc, row_max, row_sum, n, q0, bq, out, lse)
 
     def attention_items(q, key_panels, value_panels, S, group, heads, scale, kinds, block_q,
                         block_k, order, start, stop, out, lse, args):
