@@ -98,27 +98,30 @@ def _exp_nonpositive_overload(x):
     return exp_nonpositive_float32
 
 
-# tanh(x) = x + x^3 P(x^2) on |x| < 0.625 (Cephes' tanhf polynomial): there 1 - exp(-2|x|) would
-# lose the low bits of a small x to cancellation.
-_TANH_POLY = tuple(np.float32(c) for c in (
-    -5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2, 1.33314422036e-1, -3.33332819422e-1))
-_TANH_SMALL = np.float32(0.625)
+# 2^r - 1 = r P(r) on |r| <= 1/2: P of degree 5 fitted for relative error (2.1e-8 with these
+# float32 coefficients; an expm1 rather than an exp, so that tanh of a small x keeps its low bits).
+_EXP2M1_POLY = tuple(np.float32(c) for c in (
+    1.5403512225020677e-4, 1.3390735257416964e-3, 9.618237614631653e-3, 5.550357326865196e-2,
+    0.24022649228572845, 0.6931471824645996))
+_MINUS_2_LOG2E = np.float32(-2.0 * 1.4426950408889634)
+# Above 9.1 tanh rounds to 1 in float32: clamping |x| there keeps 2^k in the exponent's range and
+# makes tanh(inf) exactly 1 (NaN passes the compare and stays NaN).
+_TANH_CLAMP = np.float32(9.1)
 
 
 def tanh(x):
-    """tanh(x); in float32 a vectorisable version (a few ulp), else math.tanh.
+    """tanh(x); in float32 a vectorisable version (at most 3.1 ulp), else math.tanh.
 
-    llvmlite here has no SVML, so math.tanh in a loop stays scalar (the softcap's cost); this
-    one is two branch-free formulas and a select: on |x| >= 0.625, sign(x) (1 - e) / (1 + e)
-    with e = exp(-2 min(|x|, 9.1)); below, a polynomial (at most 1.54 ulp, measured on every
-    third float32 of [2^-20, 12] and their negatives).
+    llvmlite here has no SVML, so math.tanh in a loop stays scalar (the softcap's cost). This
+    one is a single branch-free formula, tanh|x| = -m / (2 + m) with m = expm1(-2|x|), and the
+    sign of x: 22 vector instructions for 16 scores, where an exp-based formula with a separate
+    polynomial for small |x| took 33 (measured on one core: 0.76 against 0.98 ns a score).
+    Error, measured on 4 million float32 of [0, 10] and their negatives: at most 1.8 ulp where
+    |x| >= 0.75 (|tanh| > 0.63, the scores a softmax weighs most), 3.1 ulp below, 0.44 on
+    average (NumPy's float32 tanh: at most 1.4). The attention outputs' errors are the same as
+    with the 1.5-ulp formula before it (measured on the shapes of the softcap tests).
     """
     return math.tanh(x)
-
-
-# Above 9.1 tanh rounds to 1 in float32: clamping |x| there keeps exp(-2|x|) in its range without
-# a flush (NaN passes the compare) and makes tanh(inf) exactly 1.
-_TANH_CLAMP = np.float32(9.1)
 
 
 @register_jitable(fastmath=FASTMATH - {"reassoc"})
@@ -126,14 +129,21 @@ def _tanh_float32(x):
     ax = abs(x)
     if ax > _TANH_CLAMP:
         ax = _TANH_CLAMP
-    e = _exp_float32_in_range(np.float32(-2.0) * ax)
-    large = math.copysign((np.float32(1.0) - e) / (np.float32(1.0) + e), x)
-    z = x * x
-    p = _TANH_POLY[0]
-    for c in _TANH_POLY[1:]:
-        p = p * z + c
-    small = p * z * x + x
-    return small if ax < _TANH_SMALL else large
+    # expm1(-2|x|) = 2^t - 1 with t = k + r, k an integer and |r| <= 1/2:
+    # 2^k (2^r - 1) + (2^k - 1), 2^k built in the exponent bits. (A Cody-Waite split of t, as
+    # in the exp above, changed neither the worst nor the mean error here: measured.)
+    t = ax * _MINUS_2_LOG2E
+    k = np.float32(np.floor(t + np.float32(0.5)))
+    r = t - k
+    p = _EXP2M1_POLY[0]
+    for c in _EXP2M1_POLY[1:]:
+        p = p * r + c
+    two_k = _int32_bits_as_float32((np.int32(k) + np.int32(127)) << np.int32(23))
+    m = two_k * (p * r) + (two_k - np.float32(1.0))
+    # 2 + m in one rounding from exact parts rather than two (the mean error 0.56 -> 0.44 ulp)
+    d = two_k * (p * r) + (two_k + np.float32(1.0))
+    # m / d is -tanh|x|; copysign keeps only its magnitude
+    return math.copysign(m / d, x)
 
 
 @overload(tanh, fastmath=FASTMATH)

@@ -84,10 +84,16 @@ def alibi_row(row, slope, position):
 def pattern_row(row, r, n, position, col0, mask, pattern, windowed):
     """Every per-score step between the block product and the softmax, in the order of the
     semantics, for ``row``, the keys from ``col0`` on of flattened score row ``r`` (query head
-    ``n``, at key ``position``): softcap, ``mask`` (a ``MaskArgs``), the window (skipped unless
-    ``windowed``: the caller knows when the row lies wholly inside it) and ALiBi."""
+    ``n``, at key ``position``): softcap, then ``mask_window_alibi_row``."""
     if pattern.softcap > 0:
         softcap_row(row, pattern.softcap)
+    mask_window_alibi_row(row, r, n, position, col0, mask, pattern, windowed)
+
+
+@jit
+def mask_window_alibi_row(row, r, n, position, col0, mask, pattern, windowed):
+    """The steps after the softcap: ``mask`` (a ``MaskArgs``), the window (skipped unless
+    ``windowed``: the caller knows when the row lies wholly inside it) and ALiBi."""
     apply_mask_row(row, r, col0, mask)
     if windowed:
         mask_outside(row, position - pattern.left - col0, position + pattern.right + 1 - col0)
