@@ -27,42 +27,56 @@ NEGLIGIBLE = -64.0
 
 
 @jit
-def online_softmax_row(scores, i, row_max, row_sum, acc_row):
-    """Fold one block of scores of row ``i`` into its running max and sum: rescale the row's
-    accumulator to the new max and turn ``scores`` into the block's unnormalised weights."""
+def online_softmax_rows(scores, stride, start, keys, rows, r0, row_max, row_sum, acc, new_max):
+    """Fold one block of scores into the running max and sum of rows r0..r0+rows: row i's
+    scores are ``scores[i * stride + start:][:keys]``. Rescale each row's accumulator (row
+    r0 + i of ``acc``) to its new max and turn its scores into the block's unnormalised weights.
+    ``new_max``: scratch for ``rows`` floats.
+
+    All the rows' maxima first, then all their exps: one row at a time, each row waited for
+    its max's reduction before its exps and for its sum's before the next row (measured: the
+    softmax of 12 rows of 512 keys took 0.61 ns a score that way, 0.37 like this; 1.36 and 0.57
+    for rows of 128), and one call per row cost Numba's reference counting of its arguments.
+    """
     prefer_512_bit_vectors()
-    n = scores.shape[0]
-    new_max = row_max[i]
-    for j in range(n):
-        new_max = maxnum(new_max, scores[j])
-    if new_max == -np.inf:
-        # Every key so far is masked: weights 0 (and NaN stays NaN), no exp(-inf - -inf).
-        for j in range(n):
-            s = scores[j]
-            scores[j] = s - s if s != -np.inf else 0.0
-        row_sum[i] += scores.sum()
-        return
+    for i in range(rows):
+        row = scores[i * stride + start:i * stride + start + keys]
+        m = row_max[r0 + i]
+        for j in range(keys):
+            m = maxnum(m, row[j])
+        new_max[i] = m
     negligible = scores.dtype.type(NEGLIGIBLE)
     minus_inf = scores.dtype.type(-np.inf)  # (a bare -np.inf would make x a float64)
-    block_sum = scores.dtype.type(0.0)
-    for j in range(n):
-        x = scores[j] - new_max
-        if x < negligible:  # (false for NaN, which stays NaN)
-            x = minus_inf
-        p = exp_nonpositive(x)
-        scores[j] = p
-        block_sum += p
-    if new_max == row_max[i]:
-        # The max held (the common case after the first blocks): the rescale factor is exactly
-        # 1, so skip computing it and the pass over the accumulator.
-        row_sum[i] += block_sum
-        return
-    x = row_max[i] - new_max
-    alpha = exp_nonpositive(x) if not x < negligible else scores.dtype.type(0.0)
-    row_sum[i] = row_sum[i] * alpha + block_sum
-    row_max[i] = new_max
-    for c in range(acc_row.shape[0]):
-        acc_row[c] *= alpha
+    for i in range(rows):
+        r = r0 + i
+        row = scores[i * stride + start:i * stride + start + keys]
+        m = new_max[i]
+        if m == -np.inf:
+            # Every key so far is masked: weights 0 (and NaN stays NaN), no exp(-inf - -inf).
+            for j in range(keys):
+                s = row[j]
+                row[j] = s - s if s != -np.inf else 0.0
+            row_sum[r] += row.sum()
+            continue
+        block_sum = scores.dtype.type(0.0)
+        for j in range(keys):
+            x = row[j] - m
+            if x < negligible:  # (false for NaN, which stays NaN)
+                x = minus_inf
+            p = exp_nonpositive(x)
+            row[j] = p
+            block_sum += p
+        if m == row_max[r]:
+            # The max held (the common case after the first blocks): the rescale factor is
+            # exactly 1, so skip computing it and the pass over the accumulator.
+            row_sum[r] += block_sum
+            continue
+        x = row_max[r] - m
+        alpha = exp_nonpositive(x) if not x < negligible else scores.dtype.type(0.0)
+        row_sum[r] = row_sum[r] * alpha + block_sum
+        row_max[r] = m
+        for c in range(acc.shape[1]):
+            acc[r, c] *= alpha
 
 
 @jit
@@ -158,6 +172,7 @@ def attention_block(q, key_panels, value_panels, S, n, q0, q1, scale, pattern, m
     acc_flat = acc.reshape(-1)
     row_max = np.full(rows_padded, -np.inf, dtype)
     row_sum = np.zeros(rows_padded, dtype)
+    new_max = np.empty(GROUP, dtype)
     left, right = pattern.left, pattern.right
     per_row = mask.kind != 0 or pattern.has_alibi
     # Query i sits at key position i + offset and sees keys p - left .. p + right: the work item
@@ -196,9 +211,8 @@ def attention_block(q, key_panels, value_panels, S, n, q0, q1, scale, pattern, m
                     mask_window_alibi_row(scores[i * keys_padded:i * keys_padded + keys],
                                           n * L + q0 + r0 + i, n, first + i, ka, mask, pattern,
                                           partial)
-            for i in range(rows):
-                online_softmax_row(scores[i * keys_padded:i * keys_padded + keys], r0 + i, row_max,
-                                   row_sum, acc[r0 + i])
+            online_softmax_rows(scores, keys_padded, 0, keys, rows, r0, row_max, row_sum, acc,
+                                new_max)
             # acc += weights @ v for the keys, a tile of value columns at a time
             for c0 in range(0, ev_padded, cols):
                 for t0 in range(0, rows, ROWS):

@@ -26,7 +26,7 @@ from numba.core.caching import FunctionCache
 from numba.extending import overload
 
 from ._jit import FASTMATH
-from .attention import GROUP, finish_rows, online_softmax_row
+from .attention import GROUP, finish_rows, online_softmax_rows
 from .tile import ROWS, tile_product, tile_product_add, tile_width
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -160,6 +160,7 @@ def attention_kernel(score_mod, mask_mod, fingerprint=None):
         acc_flat = acc.reshape(-1)
         row_max = np.full(rows_padded, -np.inf, dtype)
         row_sum = np.zeros(rows_padded, dtype)
+        new_max = np.empty(GROUP, dtype)
         n_blocks = kinds.shape[0]
         kb = 0
         while kb < n_blocks:
@@ -225,7 +226,8 @@ def attention_kernel(score_mod, mask_mod, fingerprint=None):
                             for j in range(j0, j1):
                                 if not flags[j]:
                                     row[j - lo] = -np.inf
-                    online_softmax_row(row, r0 + i, row_max, row_sum, acc[r0 + i])
+                online_softmax_rows(scores, keys_padded, lo, hi - lo, rows, r0, row_max, row_sum,
+                                    acc, new_max)
                 for c0 in range(0, ev_padded, cols):
                     for t0 in range(0, rows, ROWS):
                         tile_product_add(scores, t0 * keys_padded + lo, keys_padded,
