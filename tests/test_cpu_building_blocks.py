@@ -11,7 +11,7 @@ import numba
 import numpy as np
 import pytest
 
-from fastattn.kernels.cpu._jit import exp_nonpositive
+from fastattn.kernels.cpu._jit import exp_flushed, exp_nonpositive
 from fastattn.kernels.cpu.tile import (ROWS, VECTOR_BYTES, tile_cols, tile_product, tile_product_add,
                                       tile_width, vector_bytes)
 
@@ -88,6 +88,25 @@ def test_float32_exp_special_values():
     assert np.all(got[:5] == 0) and not np.signbit(got[:5]).any()
     assert got[5] == 1 and got[6] == 1
     assert np.isnan(got[7])
+
+
+@numba.njit
+def _exp_flushed_all(x, negligible):
+    out = np.empty_like(x)
+    for i in range(x.shape[0]):
+        out[i] = exp_flushed(x[i], negligible)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exp_flushed_is_exp_above_the_threshold_and_zero_below(dtype):
+    x = np.concatenate([np.linspace(-80.0, 0.0, 200_001), [-np.inf, -1e30, -64.0001, -64.0,
+                                                           np.nan]]).astype(dtype)
+    got = _exp_flushed_all(x, dtype(-64.0))
+    below = x < -64
+    assert np.all(got[below] == 0) and not np.signbit(got[below]).any()
+    np.testing.assert_array_equal(got[~below], _exp_all(x[~below]))  # NaN stays NaN
+    assert np.isnan(got[-1])
 
 
 def test_float64_exp_is_the_library_exp():

