@@ -412,6 +412,25 @@ def test_bench_flags_make_the_variant_problems():
     np.testing.assert_allclose(impls.alibi_slopes(8), 2.0 ** -np.arange(1, 9))
 
 
+def test_bench_variants_times_numba_on_every_case_in_one_interleaved_run():
+    from fastattn.bench import cli, report
+    args = cli.parse_args(["--lengths", "96", "--heads", "2", "--dim", "16", "--variants",
+                           "--impls", "numba"])
+    args.min_runs, args.min_time, args.max_time = 2, 0.0, 5.0
+    (group,) = cli.build_groups(args)
+    assert group.interleave == "numba"
+    out = cli._run_group(group, args, cli.Progress(len(group.problems) + 1, enabled=False))
+    cases = out["interleaved"]["cases"]
+    assert [c["label"] for c in cases] == [p.label() for p in group.problems]
+    assert cases[0]["x_first"] == 1.0 and all(c["runs"] >= 2 for c in cases)
+    for c in cases:
+        assert c["median_ms"] > 0 and c["x_first"] == pytest.approx(
+            c["median_ms"] / cases[0]["median_ms"])
+    text = report.render_text({"groups": [out]})
+    assert "numba, every case in one interleaved run" in text
+    assert cases[1]["label"] in text.split("interleaved run")[1]
+
+
 @pytest.mark.parametrize("argv", [["--window", "-1"], ["--window", "1.5"], ["--window", "1,2,3"],
                                   ["--softcap", "0"], ["--softcap", "nan"],
                                   ["--alignment", "middle"]])

@@ -282,6 +282,10 @@ class Group:
     sweep: bool = False
     impls: tuple = ()
     note: str = ""
+    # An implementation whose calls of every case are also timed in one interleaved run (their
+    # ratios to the first case then share the machine's state: on a busy machine the speed
+    # drifts by 20% over the minutes the cases take one after the other).
+    interleave: str = ""
 
 
 def build_groups(args) -> list[Group]:
@@ -348,7 +352,8 @@ def _variants_group(args, chosen) -> Group:
                 causal.with_(length=L // 2, kv_length=L, alignment="bottom_right")]
     return Group("attention variants", problems, impls=tuple(i for i in chosen
                                                              if i in impls.IMPLS["attention"]),
-                 note="read each variant against the plain causal case of the same run")
+                 note="read each variant against the plain causal case of the same run",
+                 interleave="numba")
 
 
 # --- progress ----------------------------------------------------------------------------------
@@ -471,7 +476,7 @@ def run(args) -> dict:
     check = args.memory_check or args.full
     n_cases = sum(len(g.problems) for g in groups)
     total = 3 + n_cases + (1 if memory_reason is None and n_cases else 0) + (2 if check else 0) \
-        + (1 if pipeline else 0)
+        + (1 if pipeline else 0) + sum(1 for g in groups if g.interleave in g.impls)
     progress = Progress(total, enabled=not args.no_progress)
     started = time.perf_counter()
     results = {"command": "python -m fastattn bench " + shlex.join(args.argv),
@@ -569,7 +574,41 @@ def _run_group(group: Group, args, progress: Progress) -> dict:
         out["cases"].append({"problem": problem.as_dict(), "results": records})
         del arrays, calls
         progress.advance()
+    if group.interleave in usable:
+        out["interleaved"] = _run_interleaved(group, args, progress)
     return out
+
+
+def _run_interleaved(group: Group, args, progress: Progress) -> dict:
+    """``group.interleave``'s calls of all the group's cases, timed in one interleaved run: the
+    median of each and its ratio to the first case's."""
+    name = group.interleave
+    progress.step(f"{name}: the {len(group.problems)} cases interleaved")
+    calls, labels = {}, []
+    for problem in group.problems:
+        label = problem.label()
+        try:
+            calls[label] = impls.prepare(name, problem, impls.make_inputs(problem))
+        except impls.Unavailable:
+            continue
+        labels.append(label)
+    timings = measure.time_interleaved(
+        calls, args.min_runs, args.min_time, max_runs=max(args.min_runs, 200),
+        max_time=args.max_time,
+        on_call=lambda done, planned, what: progress.show(done / planned, what))
+    del calls
+    first = timings.get(labels[0], {}).get("median_s") if labels else None
+    cases = []
+    for label in labels:
+        timing = timings[label]
+        if "skipped" in timing:
+            cases.append({"label": label, "skipped": timing["skipped"]})
+            continue
+        cases.append({"label": label, "median_ms": timing["median_s"] * 1e3,
+                      "runs": timing["runs"],
+                      "x_first": timing["median_s"] / first if first else None})
+    progress.advance()
+    return {"impl": name, "cases": cases}
 
 
 # --- pipeline ----------------------------------------------------------------------------------

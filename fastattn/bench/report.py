@@ -153,6 +153,10 @@ def render_text(results: dict) -> str:
         for case in group["cases"]:
             lines.append(case["problem"]["label"])
             lines.extend(_text_table([_row_cells(r) for r in case["results"]]))
+        if group.get("interleaved"):
+            lines.append("")
+            lines.append(_interleaved_title(group["interleaved"]))
+            lines.extend(_text_table(_interleaved_rows(group["interleaved"]), header=True))
         if group.get("scaling"):
             lines.append("")
             lines.append("growth with L (least-squares slope on log-log): time ~2; memory ~2 "
@@ -175,6 +179,22 @@ def render_text(results: dict) -> str:
             lines.append("")
             lines.extend(_memory_check_lines(results[key]))
     return "\n".join(lines)
+
+
+def _interleaved_title(interleaved: dict) -> str:
+    return (f"{interleaved['impl']}, every case in one interleaved run (x first = this case's "
+            f"time / the first case's)")
+
+
+def _interleaved_rows(interleaved: dict) -> list[list[str]]:
+    rows = [["case", "median ms", "runs", "x first"]]
+    for case in interleaved["cases"]:
+        if "skipped" in case:
+            rows.append([case["label"], "skipped", "", case["skipped"]])
+        else:
+            rows.append([case["label"], _fmt(case["median_ms"], ".0f"), str(case["runs"]),
+                         _fmt(case["x_first"], ".2f")])
+    return rows
 
 
 def _memory_check_lines(check: dict) -> list[str]:
@@ -267,6 +287,11 @@ def render_markdown(results: dict, plot_path: str | None = None,
                     cells = [cells[0], cells[1]] + [""] * (len(COLUMNS) - 2)
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
                 label = ""
+        if group.get("interleaved"):
+            rows = _interleaved_rows(group["interleaved"])
+            lines += ["", _interleaved_title(group["interleaved"]) + ":", "",
+                      "| " + " | ".join(rows[0]) + " |", "|---|---:|---:|---:|"]
+            lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
         if group.get("scaling"):
             lines += ["", "| impl | causal | time ~ L^p | extra memory ~ L^p |",
                       "|---|---|---:|---:|"]

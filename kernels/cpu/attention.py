@@ -14,7 +14,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import exp_flushed, exp_nonpositive, jit, maxnum, parallel_jit, prefer_512_bit_vectors
-from .rows import mask_window_alibi_row, softcap_row
+from .rows import alibi_rows, apply_mask_row, mask_outside_rows, softcap_row
 from .tile import ROWS, tile_product, tile_product_add, tile_width
 from .widen import widen
 
@@ -170,7 +170,6 @@ def attention_block(q, key_panels, value_panels, S, n, q0, q1, scale, pattern, m
     row_sum = np.zeros(rows_padded, dtype)
     new_max = np.empty(GROUP, dtype)
     left, right = pattern.left, pattern.right
-    per_row = mask.kind != 0 or pattern.has_alibi
     # Query i sits at key position i + offset and sees keys p - left .. p + right: the work item
     # needs only the key blocks that some row's window touches (a causal or sliding window skips
     # the rest), and each group of rows only the keys from its first row's first key (down to a
@@ -197,16 +196,20 @@ def attention_block(q, key_panels, value_panels, S, n, q0, q1, scale, pattern, m
                                  t0 * keys_padded + panel * cols, keys_padded, E)
             # Keys wholly inside every row's window need no per-score window work.
             partial = ka < last - left or kb - 1 > first + right
-            # The softcap first (the semantics' order), on the whole block in one call: one call
-            # per row cost about a tenth of the causal kernel's time, nearly as much as the tanh
-            # (measured; the padding columns get a harmless tanh too).
+            # The steps between the products in the semantics' order (softcap, mask, window,
+            # ALiBi), each on the whole block in one call where it can: one call per row cost
+            # about a tenth of the causal kernel's time, nearly as much as the tanh (measured; the
+            # padding columns get a harmless tanh too).
             if pattern.softcap > 0:
                 softcap_row(scores[:rows * keys_padded], pattern.softcap)
-            if per_row or partial:
+            if mask.kind != 0:
                 for i in range(rows):
-                    mask_window_alibi_row(scores[i * keys_padded:i * keys_padded + keys],
-                                          n * L + q0 + r0 + i, n, first + i, ka, mask, pattern,
-                                          partial)
+                    apply_mask_row(scores[i * keys_padded:i * keys_padded + keys],
+                                   n * L + q0 + r0 + i, ka, mask)
+            if partial:
+                mask_outside_rows(scores, keys_padded, keys, rows, first - ka, left, right)
+            if pattern.has_alibi:
+                alibi_rows(scores, keys_padded, keys, rows, pattern.alibi[n], first - ka)
             online_softmax_rows(scores, keys_padded, 0, keys, rows, r0, row_max, row_sum, acc,
                                 new_max)
             # acc += weights @ v for the keys, a tile of value columns at a time

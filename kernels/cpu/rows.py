@@ -58,6 +58,22 @@ def mask_outside(row, first_kept, end_kept):
 
 
 @jit
+def mask_outside_rows(scores, stride, keys, rows, position0, left, right):
+    """``mask_outside`` for rows 0..rows of a block of scores (row i: ``scores[i * stride:]
+    [:keys]``), row i sitting at key ``position0 + i`` of the block and seeing the keys from
+    ``left`` before it to ``right`` after it. One call for the block: one per row cost about as
+    much as the fills, in Numba's reference counting of the arguments."""
+    for i in range(rows):
+        row = scores[i * stride:i * stride + keys]
+        first_kept = position0 + i - left
+        end_kept = position0 + i + right + 1
+        for j in range(min(max(first_kept, 0), keys)):
+            row[j] = -np.inf
+        for j in range(min(max(end_kept, 0), keys), keys):
+            row[j] = -np.inf
+
+
+@jit
 def softcap_row(row, softcap):
     """Logit softcapping (Gemma 2): s -> softcap * tanh(s / softcap)."""
     prefer_512_bit_vectors()
@@ -78,6 +94,20 @@ def alibi_row(row, slope, position):
     for j in range(row.shape[0]):
         row[j] -= slope * abs(distance)
         distance -= one
+
+
+@jit
+def alibi_rows(scores, stride, keys, rows, slope, position0):
+    """``alibi_row`` for rows 0..rows of a block of scores (row i: ``scores[i * stride:]
+    [:keys]``, its query at key ``position0 + i`` of the block), in one call."""
+    prefer_512_bit_vectors()
+    one = scores.dtype.type(1.0)
+    for i in range(rows):
+        row = scores[i * stride:i * stride + keys]
+        distance = scores.dtype.type(position0 + i)  # (see alibi_row)
+        for j in range(keys):
+            row[j] -= slope * abs(distance)
+            distance -= one
 
 
 @jit
