@@ -61,8 +61,9 @@ def mask_outside(row, first_kept, end_kept):
 def mask_outside_rows(scores, stride, keys, rows, position0, left, right):
     """``mask_outside`` for rows 0..rows of a block of scores (row i: ``scores[i * stride:]
     [:keys]``), row i sitting at key ``position0 + i`` of the block and seeing the keys from
-    ``left`` before it to ``right`` after it. One call for the block: one per row cost about as
-    much as the fills, in Numba's reference counting of the arguments."""
+    ``left`` before it to ``right`` after it. One call for the block (the loops of
+    ``mask_outside``, inline): a call per row cost about as much as the fills, in Numba's
+    reference counting of the arguments."""
     for i in range(rows):
         row = scores[i * stride:i * stride + keys]
         first_kept = position0 + i - left
@@ -114,16 +115,11 @@ def alibi_rows(scores, stride, keys, rows, slope, position0):
 def pattern_row(row, r, n, position, col0, mask, pattern, windowed):
     """Every per-score step between the block product and the softmax, in the order of the
     semantics, for ``row``, the keys from ``col0`` on of flattened score row ``r`` (query head
-    ``n``, at key ``position``): softcap, then ``mask_window_alibi_row``."""
+    ``n``, at key ``position``): softcap, ``mask`` (a ``MaskArgs``), the window (skipped unless
+    ``windowed``: the caller knows when the row lies wholly inside it) and ALiBi. (The fused
+    kernel does the same on a whole block of rows at a time.)"""
     if pattern.softcap > 0:
         softcap_row(row, pattern.softcap)
-    mask_window_alibi_row(row, r, n, position, col0, mask, pattern, windowed)
-
-
-@jit
-def mask_window_alibi_row(row, r, n, position, col0, mask, pattern, windowed):
-    """The steps after the softcap: ``mask`` (a ``MaskArgs``), the window (skipped unless
-    ``windowed``: the caller knows when the row lies wholly inside it) and ALiBi."""
     apply_mask_row(row, r, col0, mask)
     if windowed:
         mask_outside(row, position - pattern.left - col0, position + pattern.right + 1 - col0)
