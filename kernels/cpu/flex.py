@@ -189,22 +189,24 @@ def attention_kernel(score_mod, mask_mod, fingerprint=None):
                         lo = min(lo, j0)
                         hi = max(hi, j1)
                         continue
+                    # (loops over slices from 0: an index like j0 + j may be negative as far
+                    # as Numba knows, and its wraparound check keeps a loop from vectorising)
                     for i in range(rows):
                         query = q0 + r0 + i
-                        flags = keep[i * keys_padded:(i + 1) * keys_padded]
+                        flags = keep[i * keys_padded + j0:i * keys_padded + j1]
                         any_kept = False
-                        for j in range(j0, j1):
-                            kept = mask_mod(b, h, query, base + j, *args)
+                        for j in range(j1 - j0):
+                            kept = mask_mod(b, h, query, base + j0 + j, *args)
                             flags[j] = kept
                             any_kept |= kept
                         if any_kept:
-                            for j in range(j0, j1):
+                            for j in range(j1 - j0):
                                 if flags[j]:
-                                    lo = min(lo, j)
+                                    lo = min(lo, j0 + j)
                                     break
-                            for j in range(j1 - 1, j0 - 1, -1):
+                            for j in range(j1 - j0 - 1, -1, -1):
                                 if flags[j]:
-                                    hi = max(hi, j + 1)
+                                    hi = max(hi, j0 + j + 1)
                                     break
                 if hi <= lo:
                     continue  # no row of the group keeps a key of this run
@@ -218,14 +220,16 @@ def attention_kernel(score_mod, mask_mod, fingerprint=None):
                     query = q0 + r0 + i
                     for j in range(hi - lo):
                         row[j] = score_mod(row[j], b, h, query, base + lo + j, *args)
-                    flags = keep[i * keys_padded:(i + 1) * keys_padded]
                     for sub in range(first, kb):
                         if kinds[sub] == PARTIAL:
                             j0 = max(sub * block_k - base, lo)
                             j1 = min((sub + 1) * block_k - base, hi)
-                            for j in range(j0, j1):
-                                if not flags[j]:
-                                    row[j - lo] = -np.inf
+                            if j1 <= j0:
+                                continue
+                            part = row[j0 - lo:j1 - lo]
+                            flags = keep[i * keys_padded + j0:i * keys_padded + j1]
+                            for j in range(j1 - j0):  # a select: it vectorises, a branch not
+                                part[j] = part[j] if flags[j] else -np.inf
                 online_softmax_rows(scores, keys_padded, lo, hi - lo, rows, r0, row_max, row_sum,
                                     acc, new_max)
                 for c0 in range(0, ev_padded, cols):
