@@ -4,6 +4,8 @@ import os
 # the variable when it is first imported, so it is set here, before any test module imports it.
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -22,6 +24,30 @@ def rng():
 @pytest.fixture(params=CPU_BACKENDS)
 def backend(request):
     return request.param
+
+
+@pytest.fixture(scope="module")
+def quick_thread_switches():
+    """For the CUDA simulator's modules: simulated threads wait for each other at every
+    syncthreads while the simulator's block manager polls them; with Python's default 5 ms
+    switch interval most of the time is spent idle."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(2e-4)
+    yield
+    sys.setswitchinterval(old)
+
+
+def appended_cache(cache, new, seqlens):
+    """The KV cache (B, H, S_max, D) expected after writing ``new`` at each batch's length."""
+    expected = cache.copy()
+    for b, start in enumerate(seqlens):
+        expected[b, :, start:start + new.shape[2]] = new[b]
+    return expected
+
+
+def assert_same_bits(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
 
 
 def as64(*arrays):

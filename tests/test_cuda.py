@@ -47,13 +47,8 @@ def tiny_tiles(monkeypatch):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def quick_thread_switches():
-    # Simulated threads wait for each other at every syncthreads while the simulator's block
-    # manager polls them; with Python's default 5 ms switch interval most time is spent idle.
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(2e-4)
-    yield
-    sys.setswitchinterval(old)
+def _quick_thread_switches(quick_thread_switches):
+    """(conftest.quick_thread_switches for every test here)"""
 
 
 def normal(rng, *shape, dtype=np.float64):

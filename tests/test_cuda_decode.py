@@ -26,7 +26,7 @@ from numba import cuda  # noqa: E402
 from fastattn import _cuda_decode  # noqa: E402
 from fastattn.kernels import cuda as kernels  # noqa: E402
 
-from conftest import assert_matches_reference  # noqa: E402
+from conftest import appended_cache, assert_matches_reference, assert_same_bits  # noqa: E402
 
 TINY = kernels.Tiles(block_q=4, block_k=4, rows_per_thread=2, threads_per_row=2, chunk=2,
                      block_v=4)
@@ -41,12 +41,8 @@ def tiny_tiles(monkeypatch):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def quick_thread_switches():
-    import sys
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(2e-4)  # simulated threads wait for each other at every syncthreads
-    yield
-    sys.setswitchinterval(old)
+def _quick_thread_switches(quick_thread_switches):
+    """(conftest.quick_thread_switches for every test here)"""
 
 
 def _problem(rng, B, Hq, Hkv, Lq, dtype, S_max=S_MAX):
@@ -69,18 +65,6 @@ def _reference(seqlens, **options):
     return fn
 
 
-def _appended(cache, new, seqlens):
-    expected = cache.copy()
-    for b, start in enumerate(seqlens):
-        expected[b, :, start:start + new.shape[2]] = new[b]
-    return expected
-
-
-def _same_bits(a, b):
-    assert a.dtype == b.dtype and a.shape == b.shape
-    np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("Lq, Hq, Hkv", [(1, 4, 1), (3, 2, 2)])
 def test_decode_and_chunked_prefill_match_reference(rng, dtype, Lq, Hq, Hkv):
@@ -94,10 +78,10 @@ def test_decode_and_chunked_prefill_match_reference(rng, dtype, Lq, Hq, Hkv):
                                                return_lse=True, backend="cuda")
     assert out.shape == (4, Hq, Lq, EV) and out.dtype == dtype and lse.shape == (4, Hq, Lq)
     assert_matches_reference((out, lse), _reference(seqlens), q, old_k, old_v, k, v)
-    _same_bits(k_cache, _appended(old_k, k, seqlens))
-    _same_bits(v_cache, _appended(old_v, v, seqlens))
+    assert_same_bits(k_cache, appended_cache(old_k, k, seqlens))
+    assert_same_bits(v_cache, appended_cache(old_v, v, seqlens))
     for given, kept in zip((q, k, v), inputs):
-        _same_bits(given, kept)
+        assert_same_bits(given, kept)
 
 
 def test_empty_cache_without_new_rows_gives_zeros_and_minus_inf(rng):
@@ -159,8 +143,8 @@ def test_paged_cache_gives_what_the_contiguous_cache_gives(rng, dtype, block_siz
     for b, n in enumerate(seqlens):
         t = np.arange(n, n + Lq)
         written[table[b, t // block_size], t % block_size] = True
-    _same_bits(kp.transpose(0, 2, 1, 3)[~written], old_kp.transpose(0, 2, 1, 3)[~written])
-    _same_bits(vp.transpose(0, 2, 1, 3)[~written], old_vp.transpose(0, 2, 1, 3)[~written])
+    assert_same_bits(kp.transpose(0, 2, 1, 3)[~written], old_kp.transpose(0, 2, 1, 3)[~written])
+    assert_same_bits(vp.transpose(0, 2, 1, 3)[~written], old_vp.transpose(0, 2, 1, 3)[~written])
 
 
 def test_device_caches_are_read_and_written_on_the_device(rng):
@@ -177,7 +161,7 @@ def test_device_caches_are_read_and_written_on_the_device(rng):
     assert _backends.is_device_array(out) and _backends.is_device_array(lse)
     assert_matches_reference((out.copy_to_host(), lse.copy_to_host()), _reference(seqlens), q,
                              k_cache, v_cache, k, v)
-    want_k, want_v = _appended(k_cache, k, seqlens), _appended(v_cache, v, seqlens)
+    want_k, want_v = appended_cache(k_cache, k, seqlens), appended_cache(v_cache, v, seqlens)
     new_kp, new_vp = d_kp.copy_to_host(), d_vp.copy_to_host()
     np.testing.assert_array_equal(_unpaged(new_kp, table, S_MAX), want_k)
     np.testing.assert_array_equal(_unpaged(new_vp, table, S_MAX), want_v)
@@ -185,8 +169,8 @@ def test_device_caches_are_read_and_written_on_the_device(rng):
     for b, n in enumerate(seqlens):
         t = np.arange(n, n + 2)
         written[table[b, t // 4], t % 4] = True
-    _same_bits(new_kp.transpose(0, 2, 1, 3)[~written], kp.transpose(0, 2, 1, 3)[~written])
-    _same_bits(new_vp.transpose(0, 2, 1, 3)[~written], vp.transpose(0, 2, 1, 3)[~written])
+    assert_same_bits(new_kp.transpose(0, 2, 1, 3)[~written], kp.transpose(0, 2, 1, 3)[~written])
+    assert_same_bits(new_vp.transpose(0, 2, 1, 3)[~written], vp.transpose(0, 2, 1, 3)[~written])
 
 
 @pytest.mark.parametrize("num_splits", [3, 8])
@@ -234,8 +218,8 @@ def test_bad_input_leaves_device_caches_untouched(rng):
     with pytest.raises(TypeError, match="same dtype"):
         fastattn.attention_with_kvcache(q.astype(np.float64), d_k, d_v, cache_seqlens=1,
                                         backend="cuda")
-    _same_bits(d_k.copy_to_host(), k_cache)
-    _same_bits(d_v.copy_to_host(), v_cache)
+    assert_same_bits(d_k.copy_to_host(), k_cache)
+    assert_same_bits(d_v.copy_to_host(), v_cache)
     with pytest.raises(TypeError, match="takes NumPy arrays"):
         fastattn.attention_with_kvcache(q, d_k, d_v, cache_seqlens=1, backend="numba")
 

@@ -8,7 +8,6 @@ values, the output rounded to it), plus 1e-6; the lse (float32) follows the floa
 Tiles are tiny (one warp, 16 keys, 16 or 32 features), so that tiny inputs span several query
 and key tiles, partial ones and several output column blocks.
 """
-import sys
 
 import numpy as np
 import pytest
@@ -39,11 +38,8 @@ def tiny_tiles(monkeypatch):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def quick_thread_switches():
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(2e-4)
-    yield
-    sys.setswitchinterval(old)
+def _quick_thread_switches(quick_thread_switches):
+    """(conftest.quick_thread_switches for every test here)"""
 
 
 def to_bf16_bits(x):

@@ -37,12 +37,8 @@ def tiny_tiles(monkeypatch):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def quick_thread_switches():
-    import sys
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(2e-4)  # simulated threads wait for each other at every syncthreads
-    yield
-    sys.setswitchinterval(old)
+def _quick_thread_switches(quick_thread_switches):
+    """(conftest.quick_thread_switches for every test here)"""
 
 
 def qkv(rng, lead=(2,), L=7, S=6, E=3, Ev=3, lead_kv=None, dtype=np.float64):

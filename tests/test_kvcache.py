@@ -9,7 +9,7 @@ import pytest
 import fastattn
 from fastattn import reference
 
-from conftest import assert_matches_reference
+from conftest import appended_cache, assert_matches_reference, assert_same_bits
 
 S_MAX = 1100
 
@@ -36,18 +36,6 @@ def _reference(seqlens, with_lse=True, **options):
     return fn
 
 
-def _appended(cache, new, seqlens):
-    expected = cache.copy()
-    for b, start in enumerate(seqlens):
-        expected[b, :, start:start + new.shape[2]] = new[b]
-    return expected
-
-
-def _same_bits(a, b):
-    assert a.dtype == b.dtype and a.shape == b.shape
-    np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
-
-
 SHAPES = [(Lq, heads, E) for Lq in (1, 16) for heads in ((32, 8), (8, 1)) for E in (64, 128)]
 # Chunks of 64 queries against 32 heads cost the reference the most: fewer of them.
 SHAPES += [(64, (32, 8), 64), (64, (8, 1), 128)]
@@ -66,10 +54,10 @@ def test_decode_and_chunked_prefill_match_reference(backend, rng, dtype, E, head
     assert out.shape == (4, Hq, Lq, E) and out.dtype == dtype and lse.shape == (4, Hq, Lq)
     assert_matches_reference((out, lse), _reference(seqlens), q, old_k, old_v, k, v)
     # The caches hold exactly the old contents plus the new rows; the other inputs are as given.
-    _same_bits(k_cache, _appended(old_k, k, seqlens))
-    _same_bits(v_cache, _appended(old_v, v, seqlens))
+    assert_same_bits(k_cache, appended_cache(old_k, k, seqlens))
+    assert_same_bits(v_cache, appended_cache(old_v, v, seqlens))
     for given, kept in zip((q, k, v), inputs):
-        _same_bits(given, kept)
+        assert_same_bits(given, kept)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -112,8 +100,8 @@ def test_without_new_rows_attends_over_the_cache(backend, rng, dtype):
     assert_matches_reference(got, _reference(seqlens), q, *before, None, None)
     assert np.all(got[0][0] == 0) and np.all(np.isneginf(got[1][0]))
     assert np.all(np.isneginf(got[1][1, :, 0])) and np.all(np.isfinite(got[1][1, :, 1:]))
-    _same_bits(k_cache, before[0])
-    _same_bits(v_cache, before[1])
+    assert_same_bits(k_cache, before[0])
+    assert_same_bits(v_cache, before[1])
 
 
 def test_int_cache_seqlens_and_value_size(backend, rng):
@@ -181,8 +169,8 @@ def test_paged_cache_gives_what_the_contiguous_cache_gives(backend, rng, dtype, 
     for b, n in enumerate(seqlens):
         t = np.arange(n, n + Lq)
         written[table[b, t // block_size], t % block_size] = True
-    _same_bits(kp.transpose(0, 2, 1, 3)[~written], old_kp.transpose(0, 2, 1, 3)[~written])
-    _same_bits(vp.transpose(0, 2, 1, 3)[~written], old_vp.transpose(0, 2, 1, 3)[~written])
+    assert_same_bits(kp.transpose(0, 2, 1, 3)[~written], old_kp.transpose(0, 2, 1, 3)[~written])
+    assert_same_bits(vp.transpose(0, 2, 1, 3)[~written], old_vp.transpose(0, 2, 1, 3)[~written])
 
 
 def test_paged_table_with_padding_entries(backend, rng):
@@ -241,8 +229,8 @@ def test_results_do_not_depend_on_the_thread_count(rng):
     finally:
         numba.set_num_threads(threads)
     for out, lse in got[1:]:
-        _same_bits(out, got[0][0])
-        _same_bits(lse, got[0][1])
+        assert_same_bits(out, got[0][0])
+        assert_same_bits(lse, got[0][1])
 
 
 def test_strided_cache_and_float16(backend, rng):
@@ -259,8 +247,8 @@ def test_strided_cache_and_float16(backend, rng):
     want = reference.attention_with_kvcache(*[a.astype(np.float64) for a in (q, *old, k, v)],
                                             cache_seqlens=100)
     np.testing.assert_allclose(got[0].astype(np.float64), want, atol=3e-3)
-    _same_bits(big_k[:, 1::2], np.zeros_like(big_k[:, 1::2]))
-    _same_bits(view, _appended(old[0], k, [100, 100]))
+    assert_same_bits(big_k[:, 1::2], np.zeros_like(big_k[:, 1::2]))
+    assert_same_bits(view, appended_cache(old[0], k, [100, 100]))
 
 
 # --- bad input: a clear error, and the caches untouched -----------------------------------------
@@ -313,7 +301,7 @@ def test_bad_input_raises_and_leaves_the_caches_untouched(rng):
                                             args.pop("v_cache"), args.pop("k"), args.pop("v"),
                                             **args)
         for now, before in zip((q, k_cache, v_cache, k, v, kp, vp), originals):
-            _same_bits(now, before)
+            assert_same_bits(now, before)
 
 
 def test_read_only_cache(rng):
