@@ -194,20 +194,20 @@ def attention_kernel(score_mod, mask_mod, fingerprint=None):
                     for i in range(rows):
                         query = q0 + r0 + i
                         flags = keep[i * keys_padded + j0:i * keys_padded + j1]
-                        any_kept = False
-                        for j in range(j1 - j0):
+                        # the row's first and last kept key as a min and a max of selects in
+                        # the same loop: they vectorise, where scans that stop at the first
+                        # kept key do not (measured: 1-3% of a causal call)
+                        width = j1 - j0
+                        row_lo = width
+                        row_hi = 0
+                        for j in range(width):
                             kept = mask_mod(b, h, query, base + j0 + j, *args)
                             flags[j] = kept
-                            any_kept |= kept
-                        if any_kept:
-                            for j in range(j1 - j0):
-                                if flags[j]:
-                                    lo = min(lo, j0 + j)
-                                    break
-                            for j in range(j1 - j0 - 1, -1, -1):
-                                if flags[j]:
-                                    hi = max(hi, j0 + j + 1)
-                                    break
+                            row_lo = min(row_lo, j if kept else width)
+                            row_hi = max(row_hi, j + 1 if kept else 0)
+                        if row_hi > 0:
+                            lo = min(lo, j0 + row_lo)
+                            hi = max(hi, j0 + row_hi)
                 if hi <= lo:
                     continue  # no row of the group keeps a key of this run
                 for panel in range(lo // cols, -(-hi // cols)):
