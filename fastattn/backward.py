@@ -147,9 +147,8 @@ def _numba_backward(p: _prepare.AttentionProblem, grad_out, out, lse):
     ro = _numba._readonly
     with _numba._lock:  # no BLAS inside: the kernel has its own block products
         packed = _numba._scratch_arrays(
-            [(N, Lp // cols, E * cols), (N, Ep // cols, Lp * cols), (N, Lp // cols, Ev * cols),
-             (N, Evp // cols, Lp * cols), (n_kv, Sp, Ep), (n_kv, Ep // cols, Sp * cols),
-             (n_kv, Sp, Evp), (N, Lp), (N, Lp), (N, Lp, Ep)], dtype)
+            [(N, Lp // cols, E * cols), (N, Lp, Ep), (N, Lp // cols, Ev * cols), (N, Lp, Evp),
+             (n_kv, Sp, Ep), (n_kv, Sp, Evp), (N, Lp), (N, Lp), (N, Lp, Ep)], dtype)
         grad_q_acc = packed.pop()
         kernels.pack_backward(ro(p.q), ro(p.k), ro(p.v), ro(grad_out), ro(out), ro(lse),
                               dtype.type(p.scale), *packed)

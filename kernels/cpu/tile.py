@@ -78,9 +78,16 @@ def tile_width(typingctx, array):
     return types.intp(array), codegen
 
 
-def _make_tile_product(accumulate: bool):
-    def typer(typingctx, a, a_start, a_row_stride, b, b_start, b_row_stride, c, c_start,
-              c_row_stride, depth):
+def _make_tile_product(accumulate: bool, strided_a: bool = False):
+    def typer(typingctx, a, a_start, a_row_stride, *rest):
+        if strided_a:  # a_depth_stride, then the rest as without it
+            if len(rest) != 8:
+                return None
+            a_depth_stride, b, b_start, b_row_stride, c, c_start, c_row_stride, depth = rest
+        else:
+            if len(rest) != 7:
+                return None
+            b, b_start, b_row_stride, c, c_start, c_row_stride, depth = rest
         arrays = (a, b, c)
         if not all(isinstance(x, types.Array) and x.layout == "C" for x in arrays):
             return None
@@ -88,11 +95,18 @@ def _make_tile_product(accumulate: bool):
             return None
         if not c.mutable:
             return None
-        return types.void(a, types.intp, types.intp, b, types.intp, types.intp, c, types.intp,
-                          types.intp, types.intp)
+        strides = (types.intp,) * (3 if strided_a else 2)
+        return types.void(a, *strides, b, types.intp, types.intp, c, types.intp, types.intp,
+                          types.intp)
 
     def codegen(context, builder, sig, args):
-        a, a_start, a_row_stride, b, b_start, b_row_stride, c, c_start, c_row_stride, depth = args
+        if strided_a:
+            (a, a_start, a_row_stride, a_depth_stride, b, b_start, b_row_stride, c, c_start,
+             c_row_stride, depth) = args
+        else:
+            a, a_start, a_row_stride, b, b_start, b_row_stride, c, c_start, c_row_stride, depth = args
+            a_depth_stride = None
+        b_index = 4 if strided_a else 3
         dtype = sig.args[0].dtype
         itemsize = context.get_abi_sizeof(context.get_value_type(dtype))
         lanes = VECTOR_BYTES // itemsize
@@ -106,7 +120,8 @@ def _make_tile_product(accumulate: bool):
         def data(arg, aty):
             return context.make_array(aty)(context, builder, arg).data
 
-        a_ptr, b_ptr, c_ptr = (data(x, sig.args[i]) for x, i in ((a, 0), (b, 3), (c, 6)))
+        a_ptr, b_ptr, c_ptr = (data(x, sig.args[i])
+                               for x, i in ((a, 0), (b, b_index), (c, b_index + 3)))
 
         def vector_at(ptr, offset):
             return builder.bitcast(builder.gep(ptr, [offset]), vty.as_pointer())
@@ -126,13 +141,14 @@ def _make_tile_product(accumulate: bool):
             for s in row:
                 s.add_incoming(zero, entry)
         b_row = builder.add(b_start, builder.mul(d, b_row_stride))
+        a_depth = d if a_depth_stride is None else builder.mul(d, a_depth_stride)
         b_vectors = [builder.load(vector_at(b_ptr, builder.add(b_row, ir.Constant(idx, v * lanes))),
                                   align=itemsize)
                      for v in range(VECTORS)]
         new_sums = []
         for r in range(ROWS):
             a_at = builder.add(builder.add(a_start, builder.mul(ir.Constant(idx, r), a_row_stride)),
-                               d)
+                               a_depth)
             a_scalar = builder.load(builder.gep(a_ptr, [a_at]))
             a_splat = builder.shuffle_vector(
                 builder.insert_element(ir.Constant(vty, ir.Undefined), a_scalar,
@@ -169,13 +185,21 @@ def _make_tile_product(accumulate: bool):
                 builder.store(total, where, align=itemsize)
         return context.get_dummy_value()
 
-    def tile(typingctx, a, a_start, a_row_stride, b, b_start, b_row_stride, c, c_start,
-             c_row_stride, depth):
-        sig = typer(typingctx, a, a_start, a_row_stride, b, b_start, b_row_stride, c, c_start,
-                    c_row_stride, depth)
-        return (sig, codegen) if sig is not None else None
+    if strided_a:
+        def tile(typingctx, a, a_start, a_row_stride, a_depth_stride, b, b_start, b_row_stride,
+                 c, c_start, c_row_stride, depth):
+            sig = typer(typingctx, a, a_start, a_row_stride, a_depth_stride, b, b_start,
+                        b_row_stride, c, c_start, c_row_stride, depth)
+            return (sig, codegen) if sig is not None else None
+    else:
+        def tile(typingctx, a, a_start, a_row_stride, b, b_start, b_row_stride, c, c_start,
+                 c_row_stride, depth):
+            sig = typer(typingctx, a, a_start, a_row_stride, b, b_start, b_row_stride, c,
+                        c_start, c_row_stride, depth)
+            return (sig, codegen) if sig is not None else None
 
-    tile.__name__ = tile.__qualname__ = "tile_product_add" if accumulate else "tile_product"
+    name = "tile_product_add" if accumulate else "tile_product"
+    tile.__name__ = tile.__qualname__ = name + ("_strided" if strided_a else "")
     return intrinsic(tile)
 
 
@@ -183,3 +207,8 @@ tile_product = _make_tile_product(accumulate=False)
 tile_product.__doc__ = "c[r, :COLS] = sum_d a[r, d] * b[d, :COLS] for r < ROWS (see module doc)."
 tile_product_add = _make_tile_product(accumulate=True)
 tile_product_add.__doc__ = "c[r, :COLS] += sum_d a[r, d] * b[d, :COLS] for r < ROWS."
+tile_product_add_strided = _make_tile_product(accumulate=True, strided_a=True)
+tile_product_add_strided.__doc__ = (
+    "``tile_product_add`` with a[r, d] at a_start + r * a_row_stride + d * a_depth_stride (the "
+    "argument after a_row_stride): a stored transposed is read in place, six neighbouring "
+    "elements a step.")
