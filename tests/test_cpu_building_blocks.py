@@ -13,7 +13,7 @@ import pytest
 
 from fastattn.kernels.cpu._jit import exp_flushed, exp_nonpositive
 from fastattn.kernels.cpu.tile import (ROWS, VECTOR_BYTES, tile_cols, tile_product, tile_product_add,
-                                      tile_width, vector_bytes)
+                                      tile_product_add_strided, tile_width, vector_bytes)
 
 
 @numba.njit
@@ -62,6 +62,51 @@ def test_tile_product_matches_numpy_and_writes_only_its_tile(rng, dtype, accumul
     np.testing.assert_array_equal(c[~touched], before[~touched])
     np.testing.assert_array_equal(a, a_before)
     np.testing.assert_array_equal(b, b_before)
+
+
+@numba.njit
+def _tile_strided(a, a_start, a_row_stride, a_depth_stride, b, b_start, b_row_stride, c, c_start,
+                  c_row_stride, depth):
+    tile_product_add_strided(a, a_start, a_row_stride, a_depth_stride, b, b_start, b_row_stride,
+                             c, c_start, c_row_stride, depth)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("depth", [0, 1, 7, 96])
+def test_strided_tile_reads_a_transposed_in_place(rng, dtype, depth):
+    """a[r, d] at a_start + r * a_row_stride + d * a_depth_stride: with row stride 1 the tile reads
+    a block stored transposed (as the backward's grad_q product reads grad_s), and gives the bits
+    of the plain tile on the transposed copy."""
+    cols = tile_cols(np.dtype(dtype).itemsize)
+    a_start, a_depth_stride = 2, ROWS + 5
+    b_start, b_row_stride = 1, cols + 3
+    c_start, c_row_stride = 4, cols + 2
+    stored = rng.standard_normal(a_start + max(depth, 1) * a_depth_stride).astype(dtype)
+    b = rng.standard_normal(b_start + max(depth, 1) * b_row_stride).astype(dtype)
+    c = rng.standard_normal(c_start + ROWS * c_row_stride + 5).astype(dtype)
+    a_tile = np.lib.stride_tricks.as_strided(
+        stored[a_start:], (ROWS, depth), (stored.itemsize, a_depth_stride * stored.itemsize))
+    b_tile = np.lib.stride_tricks.as_strided(
+        b[b_start:], (depth, cols), (b_row_stride * b.itemsize, b.itemsize))
+    c_view = np.lib.stride_tricks.as_strided(
+        c[c_start:], (ROWS, cols), (c_row_stride * c.itemsize, c.itemsize))
+    before, stored_before = c.copy(), stored.copy()
+    expected = a_tile.astype(np.float64) @ b_tile.astype(np.float64) + c_view.astype(np.float64)
+    plain = c.copy()
+    a_copy = np.ascontiguousarray(a_tile).reshape(-1)
+
+    _tile_strided(stored, a_start, 1, a_depth_stride, b, b_start, b_row_stride, c, c_start,
+                  c_row_stride, depth)
+    _tile(a_copy, 0, depth, b, b_start, b_row_stride, plain, c_start, c_row_stride, depth, True)
+
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(c_view, expected, rtol=tol, atol=tol * max(depth, 1))
+    np.testing.assert_array_equal(c, plain)
+    touched = np.zeros(c.shape, bool)
+    for r in range(ROWS):
+        touched[c_start + r * c_row_stride:c_start + r * c_row_stride + cols] = True
+    np.testing.assert_array_equal(c[~touched], before[~touched])
+    np.testing.assert_array_equal(stored, stored_before)
 
 
 @numba.njit
