@@ -271,7 +271,9 @@ def measure_memory(cases: list[dict], threads: int | None, on_result=None) -> di
     env = dict(os.environ)
     env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
                MALLOC_TOP_PAD_="0")
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the directory that holds the fastattn package (not the package itself: its torch.py would
+    # then shadow PyTorch in the child)
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     job = json.dumps({"threads": threads, "cases": cases})
     proc = subprocess.Popen(
@@ -320,7 +322,9 @@ def first_call_in_new_process(dtype: str = "float32", cold: bool = False) -> dic
     import tempfile
 
     env = dict(os.environ)
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the directory that holds the fastattn package (not the package itself: its torch.py would
+    # then shadow PyTorch in the child)
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     code = _FIRST_CALL.format(dtype="float32" if dtype == "float16" else dtype)
     with tempfile.TemporaryDirectory() as cache:
