@@ -37,6 +37,11 @@ def _kernels_from_source_tree() -> None:
 
 _kernels_from_source_tree()
 
+# Before PyTorch can load its OpenMP runtime with the default spin (see _blas, "the other thread
+# pools"): a dlopen, no threads started.
+from . import _blas  # noqa: E402
+_blas.load_openmp_runtime_early()
+
 from . import reference  # noqa: E402
 from ._api import attention_weights, scaled_dot_product_attention, similarity, softmax  # noqa: E402
 from ._backends import BackendUnavailableError, backends  # noqa: E402

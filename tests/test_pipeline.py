@@ -217,6 +217,57 @@ def test_the_short_spin_is_set_only_while_numbas_runtime_loads():
     assert "GOMP_SPINCOUNT=" in _line(proc, "POOL")
 
 
+_ORDER = """
+import os, sys
+first, second = sys.argv[1:3]
+__import__(first)
+__import__(second)
+import numpy as np, fastattn
+from fastattn import _blas
+q = np.ones((1, 1, 8, 4), np.float32)
+fastattn.scaled_dot_product_attention(q, q, q, backend="numba")
+print("POOL", _blas.prepare_numba_pool())
+print("GOMP", " ".join(sorted(p for p in _blas._loaded_libraries()
+                             if os.path.basename(p).startswith("libgomp"))))
+print("ENV", os.environ.get("GOMP_SPINCOUNT"))
+"""
+
+
+def _run_order(first: str, second: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "FASTATTN_QUIET_POOLS",
+                 "NUMBA_THREADING_LAYER"):
+        env.pop(name, None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", _ORDER, first, second], env=env,
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libgomp's loading is Linux's")
+def test_pytorch_imported_after_fastattn_shares_the_short_spin_runtime():
+    # libgomp reads GOMP_SPINCOUNT when it loads: fastattn loads it at import, PyTorch's own
+    # libraries then bind to that copy (same soname) instead of loading theirs.
+    pytest.importorskip("torch")
+    proc = _run_order("fastattn", "torch")
+    assert "loaded at import with GOMP_SPINCOUNT=" in _line(proc, "POOL")
+    runtimes = _line(proc, "GOMP").split()[1:]
+    assert len(runtimes) == 1 and "torch" not in runtimes[0], runtimes
+    assert _line(proc, "ENV") == "ENV None"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libgomp's loading is Linux's")
+def test_pytorch_imported_first_is_said_not_hidden():
+    # Numba's threads then run on PyTorch's runtime, with its default spin: info says so rather
+    # than claiming the short one.
+    pytest.importorskip("torch")
+    proc = _run_order("torch", "fastattn")
+    pool = _line(proc, "POOL")
+    assert "PyTorch's libgomp was loaded first" in pool and "GOMP_SPINCOUNT=" not in pool
+    assert any("torch" in p for p in _line(proc, "GOMP").split()[1:])
+
+
 # --- the bench's pipeline case -----------------------------------------------------------------
 
 def test_back_to_back_timing_calls_each_sequence_in_order_without_pause():
