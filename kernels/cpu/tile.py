@@ -104,7 +104,8 @@ def _make_tile_product(accumulate: bool, strided_a: bool = False):
             (a, a_start, a_row_stride, a_depth_stride, b, b_start, b_row_stride, c, c_start,
              c_row_stride, depth) = args
         else:
-            a, a_start, a_row_stride, b, b_start, b_row_stride, c, c_start, c_row_stride, depth = args
+            (a, a_start, a_row_stride, b, b_start, b_row_stride, c, c_start, c_row_stride,
+             depth) = args
             a_depth_stride = None
         b_index = 4 if strided_a else 3
         dtype = sig.args[0].dtype
