@@ -197,7 +197,7 @@ def load_openmp_runtime_early() -> bool:
         return False
     if os.environ.get("NUMBA_THREADING_LAYER", "default") not in _NUMBA_OMP_LAYERS:
         return False
-    if any(os.path.basename(p).startswith("libgomp") for p in _loaded_libraries()):
+    if _libgomp_paths():
         return False
     os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
     try:
@@ -209,10 +209,15 @@ def load_openmp_runtime_early() -> bool:
     return True
 
 
+def _libgomp_paths() -> list[str]:
+    """The OpenMP runtimes (libgomp) loaded in this process."""
+    return [p for p in _loaded_libraries() if os.path.basename(p).startswith("libgomp")]
+
+
 def _numba_omp_library_loaded() -> bool:
     # Numba's omp layer links libgomp.so.1.0.0; PyTorch ships its own copy, torch/lib/libgomp.so.1.
     return any(os.path.basename(p).startswith("libgomp.so") and "torch" not in p
-               for p in _loaded_libraries())
+               for p in _libgomp_paths())
 
 
 def prepare_numba_pool() -> str:
@@ -233,18 +238,9 @@ def prepare_numba_pool() -> str:
         how = f"NUMBA_THREADING_LAYER={layer}: nothing to set"
     elif any(v in os.environ for v in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")):
         how = "GOMP_SPINCOUNT/OMP_WAIT_POLICY set by the user: kept"
-    elif _early_runtime:
-        with contextlib.suppress(Exception):
-            parallel._launch_threads()
-        layer = numba.threading_layer()
-        _state["numba_pool"] = (
-            f"libgomp loaded at import with GOMP_SPINCOUNT={SPIN_COUNT} (short spin after each "
-            f"kernel; PyTorch imported after fastattn shares it)" if layer == "omp" else
-            f"threading layer {layer}: nothing to set")
-        return _state["numba_pool"]
-    elif _numba_omp_library_loaded():
+    elif not _early_runtime and _numba_omp_library_loaded():
         how = "libgomp was already loaded by another library: its spin is left as it is"
-    elif any(os.path.basename(p).startswith("libgomp") for p in _loaded_libraries()):
+    elif not _early_runtime and _libgomp_paths():
         how = ("PyTorch's libgomp was loaded first (torch imported before fastattn): Numba's "
                "threads share it with its default spin; import fastattn first, or set "
                "GOMP_SPINCOUNT, for a short one")
@@ -253,14 +249,19 @@ def prepare_numba_pool() -> str:
             parallel._launch_threads()
         _state["numba_pool"] = how
         return how
-    os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
-    try:
+    if _early_runtime:  # loaded with the short spin already
         parallel._launch_threads()
-    finally:
-        del os.environ["GOMP_SPINCOUNT"]
+    else:
+        os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+        try:
+            parallel._launch_threads()
+        finally:
+            del os.environ["GOMP_SPINCOUNT"]
     layer = numba.threading_layer()
-    _state["numba_pool"] = (f"libgomp loaded with GOMP_SPINCOUNT={SPIN_COUNT} (short spin after "
-                            f"each kernel)" if layer == "omp" else
+    when = ("at import " if _early_runtime else "")
+    shared = "; PyTorch imported after fastattn shares it" if _early_runtime else ""
+    _state["numba_pool"] = (f"libgomp loaded {when}with GOMP_SPINCOUNT={SPIN_COUNT} (short spin "
+                            f"after each kernel{shared})" if layer == "omp" else
                             f"threading layer {layer}: nothing to set")
     return _state["numba_pool"]
 
@@ -281,7 +282,7 @@ def describe_pools() -> dict:
         out[f"pool {os.path.basename(path)}"] = f"OpenBLAS {version} worker threads: {done}"
     if not pools:
         out["pool OpenBLAS"] = "none with a pthreads pool of its own loaded"
-    gomp = [p for p in _loaded_libraries() if os.path.basename(p).startswith("libgomp")]
+    gomp = _libgomp_paths()
     torch_shares = "torch" in sys.modules and not any("torch" in p for p in gomp)
     for path in gomp:
         whose = "PyTorch's OpenMP runtime, left as it is" if "torch" in path else \

@@ -830,11 +830,12 @@ def flex_first_calls() -> dict:
     import sys
     import tempfile
 
-    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from . import measure
+
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(tmp, "cache"))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = measure.child_pythonpath(env)
         runs = [("warm-up", 512), ("new function", 256), ("new process", 256)]
         for name, window in runs:
             script = os.path.join(tmp, f"flex_{window}.py")

@@ -33,6 +33,14 @@ from . import impls
 MiB = 1024.0 * 1024.0
 
 
+def child_pythonpath(env: dict) -> str:
+    """PYTHONPATH for a child process that must import this fastattn: the directory that holds
+    the package, then the caller's path (not the package directory itself: its torch.py would
+    shadow PyTorch in the child)."""
+    parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.pathsep.join(filter(None, [parent, env.get("PYTHONPATH")]))
+
+
 # --- time --------------------------------------------------------------------------------------
 
 SETTLE_S = 0.15
@@ -271,10 +279,7 @@ def measure_memory(cases: list[dict], threads: int | None, on_result=None) -> di
     env = dict(os.environ)
     env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
                MALLOC_TOP_PAD_="0")
-    # the directory that holds the fastattn package (not the package itself: its torch.py would
-    # then shadow PyTorch in the child)
-    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = child_pythonpath(env)
     job = json.dumps({"threads": threads, "cases": cases})
     proc = subprocess.Popen(
         [sys.executable, "-c", "from fastattn.bench.measure import _worker_main; _worker_main()"],
@@ -322,10 +327,7 @@ def first_call_in_new_process(dtype: str = "float32", cold: bool = False) -> dic
     import tempfile
 
     env = dict(os.environ)
-    # the directory that holds the fastattn package (not the package itself: its torch.py would
-    # then shadow PyTorch in the child)
-    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = child_pythonpath(env)
     code = _FIRST_CALL.format(dtype="float32" if dtype == "float16" else dtype)
     with tempfile.TemporaryDirectory() as cache:
         if cold:
