@@ -1,6 +1,7 @@
 """The ``numba`` backend: runs the CPU kernels on prepared problems (see ``_prepare``)."""
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 
@@ -85,9 +86,15 @@ def kernel_input(a: np.ndarray) -> np.ndarray:
     """An input as the kernels read it, read-only and in place: a float16 or bfloat16 array as
     the integer view of its bits that says which it is (see ``kernels/cpu/widen.py``), which
     the kernels widen to float32 as they load it; other dtypes as they are."""
-    from .kernels.cpu.widen import STORAGE_VIEWS
-    view = STORAGE_VIEWS.get(a.dtype.name)
+    view = _storage_view(a.dtype)
     return _readonly(a if view is None else a.view(view))
+
+
+@functools.lru_cache(maxsize=None)
+def _storage_view(dtype: np.dtype):
+    # Cached: a dtype's name is slow to make, and this runs for every input of every call.
+    from .kernels.cpu.widen import STORAGE_VIEWS
+    return STORAGE_VIEWS.get(dtype.name)
 
 
 _NO_ROWS = np.zeros(1, np.int64)

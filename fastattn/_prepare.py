@@ -6,6 +6,7 @@ read in place through per-row offsets (never expanded to (..., L, S)).
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -22,7 +23,13 @@ NO_LIMIT = 1 << 62
 
 def is_bfloat16(dtype) -> bool:
     """``ml_dtypes.bfloat16`` (known by its name: ml_dtypes is optional, never imported here)."""
-    return np.dtype(dtype).name == "bfloat16"
+    return _is_bfloat16(np.dtype(dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _is_bfloat16(dtype: np.dtype) -> bool:
+    # Cached: a dtype's name is slow to make, and every call checks several dtypes.
+    return dtype.name == "bfloat16"
 
 
 def is_sixteen_bit(dtype) -> bool:

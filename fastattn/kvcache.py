@@ -8,7 +8,6 @@ the splits merged exactly, as :func:`fastattn.merge_attention` does.
 """
 from __future__ import annotations
 
-import heapq
 import math
 
 import numpy as np
@@ -142,6 +141,10 @@ def flat_view(x: np.ndarray, dtype) -> tuple[np.ndarray, tuple]:
     only when x is not in ``dtype`` or its last dim is not contiguous (or a stride is
     negative)."""
     from ._numba import kernel_input
+    if x.dtype == dtype and x.flags.c_contiguous and x.size:
+        # The common case (a cache, a contiguous query): a plain reshape, no strides to work out.
+        strides = tuple(s // x.itemsize if n > 1 else 0 for s, n in zip(x.strides, x.shape))
+        return kernel_input(x.reshape(-1)), strides
     if (x.dtype != dtype or (x.shape[-1] > 1 and x.strides[-1] != x.itemsize)
             or any(s < 0 for s in x.strides) or any(s % x.itemsize for s in x.strides)):
         x = np.ascontiguousarray(x, dtype=dtype)
@@ -169,36 +172,6 @@ def key_range(offset, t0, t1, n, left, right):
     return lo, max(lo, hi)
 
 
-def schedule(blocks, group, nsplit, threads):
-    """Work items from (b, g, t0, t1, lo, hi) blocks, each split into ``nsplit`` key ranges when
-    ``nsplit`` > 1 (then written to partial rows and merged), dealt to ``threads`` slots by cost
-    (longest first to the least loaded). Returns (items (n, 7), slot_start, merges (m, 6),
-    partial rows)."""
-    items, merges = [], []
-    part = 0
-    for b, g, t0, t1, lo, hi in blocks:
-        R = (t1 - t0) * group
-        if nsplit == 1:
-            items.append((b, g, t0, t1, lo, hi, -1))
-            continue
-        for s in range(nsplit):
-            items.append((b, g, t0, t1, lo + (hi - lo) * s // nsplit,
-                          lo + (hi - lo) * (s + 1) // nsplit, part + s * R))
-        merges.append((b, g, t0, t1, part, nsplit))
-        part += nsplit * R
-    cost = [(it[3] - it[2]) * (it[5] - it[4] + 16) for it in items]
-    load = [(0, s) for s in range(threads)]
-    bins = [[] for _ in range(threads)]
-    for i in sorted(range(len(items)), key=lambda i: -cost[i]):
-        total, s = heapq.heappop(load)
-        bins[s].append(items[i])
-        heapq.heappush(load, (total + cost[i], s))
-    ordered = [it for slot in bins for it in slot]
-    slot_start = np.cumsum([0] + [len(slot) for slot in bins]).astype(np.int64)
-    return (np.array(ordered, np.int64).reshape(-1, 7), slot_start,
-            np.array(merges, np.int64).reshape(-1, 6), part)
-
-
 def run_rows(qbuf, kbuf, vbuf, out, lse, rows, variants, blocks, nsplit):
     """Run the row kernel on ``blocks`` into the flat outputs ``out`` and ``lse``."""
     import numba
@@ -206,9 +179,10 @@ def run_rows(qbuf, kbuf, vbuf, out, lse, rows, variants, blocks, nsplit):
     from ._numba import _kernels, _lock
     from .kernels.cpu import decode
     _kernels()  # as every kernel call: the compile notice, the other pools quieted
-    items, slot_start, merges, parts = schedule(blocks, rows.group, nsplit,
-                                                numba.get_num_threads())
-    max_rows = max([(it[3] - it[2]) * rows.group for it in items] + [1])
+    blocks = np.array(blocks, np.int64).reshape(-1, 6)
+    items, slot_start, merges, parts = decode.schedule(blocks, rows.group, nsplit,
+                                                       numba.get_num_threads())
+    max_rows = max(int((blocks[:, 3] - blocks[:, 2]).max(initial=0)) * rows.group, 1)
     dtype = out.dtype  # the compute dtype (the inputs may be 16-bit)
     part_out = np.empty((max(parts, 1), rows.Ev), dtype)
     part_lse = np.empty(max(parts, 1), dtype)

@@ -233,6 +233,39 @@ def test_results_do_not_depend_on_the_thread_count(rng):
         assert_same_bits(lse, got[0][1])
 
 
+@pytest.mark.parametrize("nsplit,threads", [(1, 1), (1, 3), (4, 2), (3, 5)])
+def test_schedule_splits_every_block_and_deals_by_cost(nsplit, threads):
+    pytest.importorskip("numba")
+    from fastattn.kernels.cpu import decode
+    # (sequence, key/value head, first and end query position, first and end key)
+    blocks = np.array([(0, 0, 0, 4, 0, 1000), (0, 1, 0, 4, 0, 1000), (1, 0, 0, 2, 5, 300),
+                       (1, 1, 2, 4, 0, 0), (2, 0, 0, 1, 10, 4000)], np.int64)
+    group = 3
+    items, slot_start, merges, parts = decode.schedule(blocks, group, nsplit, threads)
+    assert items.shape == (len(blocks) * nsplit, 7)
+    assert slot_start[0] == 0 and slot_start[-1] == len(items) and len(slot_start) == threads + 1
+    assert np.all(np.diff(slot_start) >= 0)
+    for b in blocks:  # each block's keys, split into nsplit consecutive ranges
+        mine = items[np.all(items[:, :4] == b[:4], axis=1)]
+        assert len(mine) == nsplit
+        ranges = sorted(map(tuple, mine[:, 4:6]))
+        assert ranges[0][0] == b[4] and ranges[-1][1] == b[5]
+        assert all(x[1] == y[0] for x, y in zip(ranges, ranges[1:]))
+    if nsplit == 1:
+        assert np.all(items[:, 6] == -1) and len(merges) == 0 and parts == 0
+    else:  # partial rows: each split of a block its own R rows, no two items sharing one
+        rows = [set(range(it[6], it[6] + (it[3] - it[2]) * group)) for it in items]
+        assert sum(map(len, rows)) == len(set().union(*rows)) == parts
+        assert len(merges) == len(blocks) and np.all(merges[:, 5] == nsplit)
+    cost = (items[:, 3] - items[:, 2]) * (items[:, 5] - items[:, 4] + 16)
+    loads = [cost[slot_start[s]:slot_start[s + 1]].sum() for s in range(threads)]
+    # longest first to the least loaded: no slot exceeds the best possible by more than one item
+    assert max(loads) <= cost.sum() / threads + cost.max()
+    for s in range(threads):  # each slot's items longest first
+        mine = cost[slot_start[s]:slot_start[s + 1]]
+        assert np.all(np.diff(mine) <= 0)
+
+
 def test_strided_cache_and_float16(backend, rng):
     # A cache that is a view (every other head of a bigger one) is read and written in place;
     # float16 is computed in float32 and returned as float16.

@@ -652,8 +652,19 @@ def pipeline_cases(dtype: str = "float32") -> list:
         with torch.inference_mode():
             return th @ tw
 
-    cases.append({"name": f"PyTorch matmul ({n}x{k} @ {k}x{m}), then {attention_label}",
-                  "kind": "pair", "steps": {"matmul": torch_matmul, "attention": attention}})
+    import fastattn.torch as fastattn_torch
+
+    tq, tk, tv = (torch.from_numpy(a[name]) for name in ("q", "k", "v"))
+
+    def torch_attention():  # a PyTorch user's call: fastattn's torch entry point
+        with torch.inference_mode():
+            return fastattn_torch.scaled_dot_product_attention(tq, tk, tv, is_causal=True,
+                                                               backend="numba")
+
+    cases.append({"name": f"PyTorch matmul ({n}x{k} @ {k}x{m}), then fastattn.torch "
+                          f"{attention_problem.label()}",
+                  "kind": "pair", "steps": {"matmul": torch_matmul,
+                                            "attention": torch_attention}})
     for batch, length in PIPELINE_LAYERS:
         for causal in (False, True):
             p = Problem(op="mha", batch=batch, heads=8, length=length, dim=64, dtype=dtype,

@@ -220,10 +220,69 @@ def attend_rows(qbuf, kbuf, vbuf, out, lse, rows, variants, items, slot_start, m
                          variants, qs, scores, acc, row_max, row_sum)
 
 
-@parallel_jit
+@jit
 def merge_rows(out, lse, part_out, part_lse, rows, merges):
     """Merge the splits of each of ``merges`` (m, 6: sequence, key/value head, first and end
-    query position, partial-row base, number of splits) into ``out`` and ``lse``. (A second
-    parallel region, run only when something was split: launching one costs time.)"""
-    for i in prange(merges.shape[0]):
+    query position, partial-row base, number of splits) into ``out`` and ``lse``. On the
+    calling thread: keys are split only when there are few (sequence, head) items, so there are
+    few rows to merge, and waking the pool for a second parallel region cost more than the merge
+    (measured in a transformers decode step: 25-35 us a call against a few us)."""
+    for i in range(merges.shape[0]):
         _merge_item(merges[i], out, lse, part_out, part_lse, rows)
+
+
+@jit
+def schedule(blocks, group, nsplit, threads):
+    """Work items from ``blocks`` (n, 6: sequence, key/value head, first and end query position,
+    first and end key), each split into ``nsplit`` key ranges when ``nsplit`` > 1 (written to
+    partial rows, then merged), dealt to ``threads`` slots by cost, longest first to the least
+    loaded slot (the first on a tie). Returns (items (n * nsplit, 7) slot by slot, slot_start
+    (threads + 1,), merges (m, 6), partial rows). Compiled, not Python: it runs on every decode
+    step, where the host's work is a large share of a call."""
+    n = blocks.shape[0]
+    count = n * nsplit
+    split = np.empty((count, 7), np.int64)
+    merges = np.empty((n if nsplit > 1 else 0, 6), np.int64)
+    part = 0
+    for i in range(n):
+        b, g, t0, t1, lo, hi = (blocks[i, 0], blocks[i, 1], blocks[i, 2], blocks[i, 3],
+                                blocks[i, 4], blocks[i, 5])
+        R = (t1 - t0) * group
+        for s in range(nsplit):
+            it = split[i * nsplit + s]
+            it[0], it[1], it[2], it[3] = b, g, t0, t1
+            if nsplit == 1:
+                it[4], it[5], it[6] = lo, hi, -1
+            else:
+                it[4] = lo + (hi - lo) * s // nsplit
+                it[5] = lo + (hi - lo) * (s + 1) // nsplit
+                it[6] = part + s * R
+        if nsplit > 1:
+            m = merges[i]
+            m[0], m[1], m[2], m[3], m[4], m[5] = b, g, t0, t1, part, nsplit
+            part += nsplit * R
+    cost = np.empty(count, np.int64)
+    for i in range(count):
+        cost[i] = (split[i, 3] - split[i, 2]) * (split[i, 5] - split[i, 4] + 16)
+    order = np.argsort(-cost, kind="mergesort")  # stable: equal costs keep their order
+    load = np.zeros(threads, np.int64)
+    slot_of = np.empty(count, np.int64)
+    per_slot = np.zeros(threads, np.int64)
+    for i in order:
+        s = 0
+        for t in range(1, threads):
+            if load[t] < load[s]:
+                s = t
+        slot_of[i] = s
+        load[s] += cost[i]
+        per_slot[s] += 1
+    slot_start = np.zeros(threads + 1, np.int64)
+    for t in range(threads):
+        slot_start[t + 1] = slot_start[t] + per_slot[t]
+    items = np.empty((count, 7), np.int64)
+    filled = slot_start[:threads].copy()
+    for i in order:
+        s = slot_of[i]
+        items[filled[s]] = split[i]
+        filled[s] += 1
+    return items, slot_start, merges, part
