@@ -293,6 +293,10 @@ def test_pipeline_case_reports_ratios_against_the_goals(monkeypatch, tmp_path, c
               "steps": {"fastattn": sleeper(0.001), "torch": sleeper(0.003)}},
              {"name": "missing", "skipped": "PyTorch is not installed"}]
     monkeypatch.setattr(impls, "pipeline_cases", lambda dtype: cases)
+    # The standalone cases (fresh processes, see the next test) as fixed times: on 5% slower.
+    monkeypatch.setattr(measure, "standalone_quieting_on_off", lambda cases, threads, **kw: {
+        c["key"]: {"on": 0.0105, "off": 0.0100, "ratio": 1.05, "ratios": [1.0, 1.1],
+                   "rounds": 2} for c in cases})
     md = tmp_path / "r.md"
     assert cli.main(["--pipeline", "--quick", "--no-progress", "--markdown", str(md)]) == 0
     text = capsys.readouterr().out
@@ -301,12 +305,31 @@ def test_pipeline_case_reports_ratios_against_the_goals(monkeypatch, tmp_path, c
     assert "| fast pair |" in md.read_text()
     records = cli.run_pipeline(cli.parse_args(["--pipeline", "--quick"]),
                                cli.Progress(1, enabled=False))
-    pair, layers, missing = records
+    pair, layers, missing, *alone = records
+    assert [r["kind"] for r in alone] == ["standalone"] * len(alone) and alone
+    assert all(r["ratio"] == pytest.approx(1.05) and r["met"] for r in alone)
+    assert "alone: numba" in text and "quieting on 10.50 ms, off 10.00 ms" in text
+    assert "1.05x off (rounds 1.00-1.10)" in text
     assert 0.8 < pair["ratio"] < 1.5  # sleeps add up: the pair takes about the sum
     assert pair["sum_alone_ms"] == pytest.approx(pair["ms"]["first alone"]
                                                  + pair["ms"]["attention alone"])
     assert layers["ratio"] > 1.5 and layers["met"]
     assert missing["skipped"]
+
+
+def test_standalone_timing_runs_with_the_quieting_on_and_off():
+    # Real child processes: each must have read its FASTATTN_QUIET_POOLS (else "skipped").
+    problem = impls.Problem(batch=1, heads=1, length=64, dim=16)
+    cases = [{"key": "tiny", "impl": "numba",
+              "problem": {k: getattr(problem, k) for k in impls.Problem.__dataclass_fields__}}]
+    seen = []
+    result = measure.standalone_quieting_on_off(cases, None, rounds=1, min_runs=2,
+                                                on_round=lambda r, n, s: seen.append(s))
+    assert sorted(seen) == ["off", "on"]
+    assert "skipped" not in result["tiny"], result
+    tiny = result["tiny"]
+    assert tiny["on"] > 0 and tiny["off"] > 0 and tiny["rounds"] == 1
+    assert tiny["ratio"] == pytest.approx(tiny["on"] / tiny["off"]) == tiny["ratios"][0]
 
 
 def test_pipeline_cases_are_the_issues_cases():

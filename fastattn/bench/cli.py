@@ -613,7 +613,9 @@ def _run_interleaved(group: Group, args, progress: Progress) -> dict:
 
 # --- pipeline ----------------------------------------------------------------------------------
 
-PIPELINE_GOALS = {"pair": 1.10, "layers": 1.2}
+PIPELINE_GOALS = {"pair": 1.10, "layers": 1.2, "standalone": 1.05}
+# The attention benchmark's own cases, timed alone with the pools' quieting on and off.
+STANDALONE_LENGTHS = (1024, 4096)
 
 
 def run_pipeline(args, progress: Progress) -> list:
@@ -653,6 +655,40 @@ def run_pipeline(args, progress: Progress) -> list:
             record["ratio"] = ms["torch"] / ms["fastattn"]
             record["met"] = record["ratio"] >= PIPELINE_GOALS["layers"]
         records.append(record)
+    return records + run_standalone(args, progress)
+
+
+def run_standalone(args, progress: Progress) -> list:
+    """The attention benchmark's cases alone (settle time before each call, as the benchmark
+    times them) with the quieting of the other pools on and off, in fresh processes taking
+    turns (measure.standalone_quieting_on_off): the ratio is on / off (goal: at most
+    PIPELINE_GOALS["standalone"], i.e. not worse beyond the noise; the median of the rounds' own
+    ratios, their range beside it)."""
+    wanted = ["numba"] + (["torch"] if impls.available("torch") is None else [])
+    cases = []
+    for length in ((256,) if args.quick else STANDALONE_LENGTHS):
+        for causal in (False, True):
+            p = Problem(batch=1, heads=8, length=length, dim=64, dtype=args.dtype, causal=causal)
+            for impl in wanted:
+                cases.append({"key": f"{impl} {p.label()}", "impl": impl,
+                              "problem": {k: getattr(p, k) for k in Problem.__dataclass_fields__}})
+    timing = measure.standalone_quieting_on_off(
+        cases, args.threads, rounds=2 if args.quick else 5, min_runs=3 if args.quick else 7,
+        on_round=lambda r, n, setting: progress.show(
+            (2 * r + 0.5) / (2 * n), f"standalone, quieting {setting}, round {r + 1}/{n}"))
+    records = []
+    for case in cases:
+        t = timing[case["key"]]
+        record = {"name": case["key"], "kind": "standalone"}
+        if "skipped" in t:
+            record["skipped"] = t["skipped"]
+        else:
+            record["ms"] = {"on": t["on"] * 1e3, "off": t["off"] * 1e3}
+            record["rounds"] = t["rounds"]
+            record["ratio"] = t["ratio"]
+            record["ratio_range"] = [min(t["ratios"]), max(t["ratios"])]
+            record["met"] = record["ratio"] <= PIPELINE_GOALS["standalone"]
+        records.append(record)
     return records
 
 
@@ -673,14 +709,24 @@ def pipeline_lines(records: list, markdown: bool = False) -> list:
                                     f"{ms['one after the other']:.2f} ms one after the other",
                          f"{r['ratio']:.2f}x the sum",
                          f"goal <= {PIPELINE_GOALS['pair']:.2f}: {_met(r)}"))
+        elif r["kind"] == "standalone":
+            ms = r["ms"]
+            rows.append((f"alone: {r['name']}", f"quieting on {ms['on']:.2f} ms, off "
+                                                f"{ms['off']:.2f} ms",
+                         f"{r['ratio']:.2f}x off (rounds {r['ratio_range'][0]:.2f}-"
+                         f"{r['ratio_range'][1]:.2f})",
+                         f"goal <= {PIPELINE_GOALS['standalone']:.2f}: {_met(r)}"))
         else:
             ms = r["ms"]
             rows.append((r["name"], f"fastattn {ms['fastattn']:.1f} ms, torch {ms['torch']:.1f} ms",
                          f"{r['ratio']:.2f}x torch",
                          f"goal >= {PIPELINE_GOALS['layers']:.1f}x: {_met(r)}"))
     runs = min((r["runs"] for r in records if "runs" in r), default=0)
+    rounds = min((r["rounds"] for r in records if "rounds" in r), default=0)
     title = (f"pipeline: back to back, no settle time between calls (median of {runs} calls "
-             f"each, the cases taking turns)")
+             f"each, the cases taking turns); \"alone\": the attention benchmark's cases timed "
+             f"alone with the other pools' quieting on and off (FASTATTN_QUIET_POOLS), fresh "
+             f"processes taking turns, median of {rounds} rounds' on / off")
     if markdown:
         lines = [f"### {title[0].upper()}{title[1:]}", "", "| case | time | ratio | goal |",
                  "|---|---|---:|---|"]

@@ -302,6 +302,83 @@ def measure_memory(cases: list[dict], threads: int | None, on_result=None) -> di
     return results
 
 
+# --- the pools' quieting, on and off -------------------------------------------------------------
+
+def _standalone_main():
+    """Entry point of a standalone-timing child: a JSON job on stdin (threads, min_runs, cases of
+    "key", "impl", "problem"), the cases timed as the attention benchmark times them
+    (:func:`time_interleaved`, settle time before each call), one RESULT line out."""
+    job = json.loads(sys.stdin.read())
+    if any(case["impl"] == "torch" for case in job["cases"]):
+        with contextlib.suppress(ImportError):
+            import torch  # noqa: F401  (after fastattn, as the bench imports them)
+    with threads_limited(job["threads"]):
+        calls = {}
+        for case in job["cases"]:
+            problem = impls.Problem(**case["problem"])
+            calls[case["key"]] = impls.prepare(case["impl"], problem, impls.make_inputs(problem))
+        timing = time_interleaved(calls, job["min_runs"], 0.0, max_runs=job["min_runs"])
+    from .. import _blas
+    print("RESULT " + json.dumps({"quieting": _blas.ENABLED,
+                                  "times": {k: t.get("median_s") for k, t in timing.items()}}),
+          flush=True)
+
+
+def standalone_quieting_on_off(cases: list[dict], threads: int | None, rounds: int = 3,
+                               min_runs: int = 5, on_round=None) -> dict:
+    """The standalone times of ``cases`` (dicts of "key", "impl", "problem") with fastattn's
+    quieting of the other pools on and off (``FASTATTN_QUIET_POOLS``), in one run: each round
+    starts one fresh process of each kind, in a random order, and times every case there as the
+    attention benchmark does. The setting is read when fastattn is imported (the OpenMP
+    runtime's spin is fixed when it loads), so on and off need processes of their own.
+
+    Returns {key: {"on": seconds, "off": seconds, "ratio": on / off, "ratios": [...],
+    "rounds": n}}: the times are the medians of the rounds' medians; "ratio" is the median of
+    the rounds' own on / off ratios (the two processes of a round run one after the other, so a
+    drift in the machine's speed between rounds cancels), "ratios" each round's. Or
+    {key: {"skipped": why}}.
+    """
+    import random
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = child_pythonpath(env)
+    job = json.dumps({"threads": threads, "min_runs": min_runs, "cases": cases})
+    times = {c["key"]: {"on": [None] * rounds, "off": [None] * rounds} for c in cases}
+    failure = None
+    for r in range(rounds):
+        for setting in random.sample(["on", "off"], 2):
+            if on_round is not None:
+                on_round(r, rounds, setting)
+            child_env = dict(env, FASTATTN_QUIET_POOLS="1" if setting == "on" else "0")
+            proc = subprocess.run(
+                [sys.executable, "-c",
+                 "from fastattn.bench.measure import _standalone_main; _standalone_main()"],
+                input=job, env=child_env, capture_output=True, text=True)
+            lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if not lines:
+                tail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+                failure = f"the timing process failed: {tail[0]}"
+                continue
+            result = json.loads(lines[-1][len("RESULT "):])
+            if result["quieting"] != (setting == "on"):  # the child must have read the setting
+                failure = f"the timing process ignored FASTATTN_QUIET_POOLS ({setting})"
+                continue
+            for key, seconds in result["times"].items():
+                times[key][setting][r] = seconds
+    results = {}
+    for key, t in times.items():
+        pairs = [(on, off) for on, off in zip(t["on"], t["off"]) if on and off]
+        if pairs:
+            ratios = [on / off for on, off in pairs]
+            results[key] = {"on": statistics.median(on for on, _ in pairs),
+                            "off": statistics.median(off for _, off in pairs),
+                            "ratio": statistics.median(ratios), "ratios": ratios,
+                            "rounds": len(pairs)}
+        else:
+            results[key] = {"skipped": failure or "no time measured"}
+    return results
+
+
 # --- JIT ---------------------------------------------------------------------------------------
 
 _FIRST_CALL = """
