@@ -6,7 +6,8 @@ the share of that peak, the extra memory of one call and the speed ratios agains
 PyTorch; then how time and memory grow with the sequence length L (fitted exponents). With
 --pipeline (and in --full) also the pipeline cases, timed back to back with no settle time: a
 NumPy or PyTorch matmul then fastattn's attention, against the two alone, and fastattn's
-multi-head layer against PyTorch's.
+multi-head layer against PyTorch's; and the attention cases alone with fastattn's quieting of
+the other thread pools on and off (FASTATTN_QUIET_POOLS), in fresh processes.
 """
 from __future__ import annotations
 
@@ -151,7 +152,8 @@ def parse_args(argv) -> argparse.Namespace:
                       help="only the pipeline cases (in --full): steps timed back to back with "
                            "no settle time, as in a model: NumPy's and PyTorch's matmul then "
                            "fastattn's attention, against the two alone; fastattn's layer "
-                           "against PyTorch's")
+                           "against PyTorch's; the attention cases alone with the pools' "
+                           "quieting on and off")
     what.add_argument("--memory-check", action="store_true",
                       help=f"only the memory check: one call at B=1, H=1, L=S=32768, D=64 "
                            f"float32 must need < {MEMORY_LIMIT_MIB} MiB beyond inputs and output, "
