@@ -84,6 +84,46 @@ if _SIMULATOR:
                  kernels.MmaTiles(warps=1, block_k=16, features=32, block_v=16))
 
 
+
+def _lock_simulator_shared_arrays() -> None:
+    """Numba's CUDA simulator (numba-cuda 0.30.4 and earlier) hands out ``cuda.shared.array``
+    from a dict keyed by the calling line and filled with no lock: a block's threads, Python
+    threads started together, can race at the first call, and the losers keep an array the
+    others never see (a CI run failed so once: rows of a block read values nobody wrote there).
+    This is the same method with the dict filled under a lock, keyed as upstream by (file, line)."""
+    import sys
+    import threading
+
+    from numba.core import types
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if alignment is not None:
+            raise RuntimeError("Array alignment is not supported in cudasim")
+        if isinstance(dtype, types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        if shape == 0:  # dynamic shared memory: one buffer for every such call
+            count = self._dynshared_size // dtype.itemsize
+            return np.frombuffer(self._dynshared.data, dtype=dtype, count=count)
+        frame = sys._getframe(1)
+        caller = (frame.f_code.co_filename, frame.f_lineno)
+        with lock:
+            res = self._allocations.get(caller)
+            if res is None:
+                res = np.empty(shape, dtype)
+                self._allocations[caller] = res
+        return res
+
+    kernelapi.FakeCUDAShared.array = array
+
+
+if _SIMULATOR:
+    _lock_simulator_shared_arrays()
+
+
 def _tiles(dtype: np.dtype, Ev: int) -> kernels.Tiles:
     """The tiles for ``dtype``, with block_v cut to the smallest power-of-two multiple of
     threads_per_row that covers Ev (no wasted columns for Ev = 64 under block_v = 128)."""

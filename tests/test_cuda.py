@@ -367,6 +367,29 @@ def test_sdpa_with_the_gpu_float32_tiles(monkeypatch):
     assert np.abs(out - ref_out).max() <= 2 * np.abs(np_out - ref_out).max() + 1e-6
 
 
+@pytest.mark.skipif(not _cuda._SIMULATOR, reason="checks fastattn's fix to the simulator")
+def test_simulator_shared_arrays_one_per_line_seen_by_every_thread():
+    # fastattn._cuda fills the simulator's shared arrays under a lock; each line must still
+    # give its own array, the same one to all of a block's threads.
+    @cuda.jit
+    def kernel(out):
+        first = cuda.shared.array(32, np.float64)
+        second = cuda.shared.array(32, np.float64)
+        t = cuda.threadIdx.x
+        first[t] = t
+        second[t] = -t
+        cuda.syncthreads()
+        out[cuda.blockIdx.x, t, 0] = first[31 - t]
+        out[cuda.blockIdx.x, t, 1] = second[31 - t]
+
+    out = np.zeros((3, 32, 2))
+    kernel[3, 32](out)
+    expected = np.arange(31, -1, -1, dtype=np.float64)
+    for block in range(3):
+        np.testing.assert_array_equal(out[block, :, 0], expected)
+        np.testing.assert_array_equal(out[block, :, 1], -expected)
+
+
 def test_import_fastattn_neither_imports_numba_nor_compiles():
     code = ("import sys, fastattn; fastattn.scaled_dot_product_attention; "
             "assert 'numba' not in sys.modules and 'fastattn._cuda' not in sys.modules")
