@@ -4,6 +4,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 
+import numpy as np
+
 BACKENDS = ("numpy", "numba", "cuda")
 CHOICES = ("auto",) + BACKENDS
 
@@ -54,7 +56,9 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def numba_unavailable_reason() -> str | None:
+    # Cached: every call resolves its backend, and a module search costs microseconds.
     if importlib.util.find_spec("numba") is None:
         return "numba is not installed (pip install numba)"
     return None
@@ -74,6 +78,8 @@ def backends() -> list[str]:
 def is_device_array(x) -> bool:
     # Numba device arrays say so with __cuda_ndarray__ (the CUDA simulator's expose no
     # __cuda_array_interface__); CuPy arrays and PyTorch CUDA tensors by the interface.
+    if type(x) is np.ndarray:
+        return False
     if getattr(x, "__cuda_ndarray__", False):
         return True
     return hasattr(x, "__cuda_array_interface__") and not hasattr(x, "__array_interface__")

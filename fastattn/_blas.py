@@ -173,12 +173,15 @@ def quiet_other_pools() -> bool:
     pools = openblas_pools()
     if not pools:
         return False
-    # fastattn's own worker threads (flex's pool, named "fastattn...") never run a BLAS product.
-    own = sum(1 for t in threading.enumerate()
-              if t.name.startswith("fastattn") and t is not threading.current_thread())
-    if len(sys._current_frames()) - own > 1:
-        _state["skipped_threads"] += 1
-        return False
+    python_threads = len(sys._current_frames())
+    if python_threads > 1:
+        # fastattn's own worker threads (flex's pool, named "fastattn...") never run a BLAS
+        # product. (Counted only here: listing the threads on every call costs microseconds.)
+        own = sum(1 for t in threading.enumerate()
+                  if t.name.startswith("fastattn") and t is not threading.current_thread())
+        if python_threads - own > 1:
+            _state["skipped_threads"] += 1
+            return False
     with _pools_lock:
         for _, _, shutdown in pools:
             shutdown()

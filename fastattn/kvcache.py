@@ -8,7 +8,7 @@ the splits merged exactly, as :func:`fastattn.merge_attention` does.
 """
 from __future__ import annotations
 
-import math
+import functools
 
 import numpy as np
 
@@ -29,12 +29,11 @@ MIN_SPLIT_KEYS = 512
 def default_num_splits(blocks, min_items: int = MIN_ITEMS,
                        min_split_keys: int = MIN_SPLIT_KEYS) -> int:
     """Key splits per (b, g, t0, t1, lo, hi) block when the caller gave none: enough work items
-    for ``min_items``, each split at least ``min_split_keys`` keys long (shared by the cuda
-    backend with its own constants)."""
-    if len(blocks) >= min_items:
-        return 1
-    longest = max([hi - lo for *_, lo, hi in blocks] + [0])
-    return max(1, min(math.ceil(min_items / max(len(blocks), 1)), longest // min_split_keys))
+    for ``min_items``, each split at least ``min_split_keys`` keys long (the rule of
+    ``kernels/cpu/decode.default_splits``, for the cuda backend with its own constants)."""
+    from .kernels.cpu import decode
+    blocks = np.array(blocks, np.int64).reshape(-1, 6)
+    return int(decode.default_splits(blocks, min_items, min_split_keys))
 
 
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens,
@@ -160,9 +159,16 @@ def flat_view(x: np.ndarray, dtype) -> tuple[np.ndarray, tuple]:
 def row_variants(left, right, softcap, alibi, heads, scale, dtype):
     from .kernels.cpu.options import RowVariants
     has_alibi = alibi is not None
-    slopes = alibi if has_alibi else np.zeros(1, dtype)
+    slopes = alibi if has_alibi else _no_slopes(np.dtype(dtype))
     return RowVariants(float(scale), int(left), int(right), float(softcap), slopes, has_alibi,
                        int(heads))
+
+
+@functools.lru_cache(maxsize=None)
+def _no_slopes(dtype: np.dtype) -> np.ndarray:
+    # The one-element stand-in for "no ALiBi", made once per dtype; only the kernels read it
+    # (writable, as the slopes a caller passes: one compiled specialisation for both).
+    return np.zeros(1, dtype)
 
 
 def key_range(offset, t0, t1, n, left, right):
@@ -173,24 +179,17 @@ def key_range(offset, t0, t1, n, left, right):
 
 
 def run_rows(qbuf, kbuf, vbuf, out, lse, rows, variants, blocks, nsplit):
-    """Run the row kernel on ``blocks`` into the flat outputs ``out`` and ``lse``."""
+    """Run the row kernel on ``blocks`` (a list of (b, g, t0, t1, lo, hi)) into the flat outputs
+    ``out`` and ``lse``, each block's keys in ``nsplit`` splits."""
     import numba
 
     from ._numba import _kernels, _lock
     from .kernels.cpu import decode
     _kernels()  # as every kernel call: the compile notice, the other pools quieted
     blocks = np.array(blocks, np.int64).reshape(-1, 6)
-    items, slot_start, merges, parts = decode.schedule(blocks, rows.group, nsplit,
-                                                       numba.get_num_threads())
-    max_rows = max(int((blocks[:, 3] - blocks[:, 2]).max(initial=0)) * rows.group, 1)
-    dtype = out.dtype  # the compute dtype (the inputs may be 16-bit)
-    part_out = np.empty((max(parts, 1), rows.Ev), dtype)
-    part_lse = np.empty(max(parts, 1), dtype)
     with _lock:
-        decode.attend_rows(qbuf, kbuf, vbuf, out, lse, rows, variants, items, slot_start,
-                           max_rows, part_out, part_lse)
-        if len(merges):
-            decode.merge_rows(out, lse, part_out, part_lse, rows, merges)
+        decode.run(qbuf, kbuf, vbuf, out, lse, rows, variants, blocks, (nsplit, 0, 0),
+                   numba.get_num_threads())
 
 
 # Up to this many query rows per key/value head (L times the group), ``scaled_dot_product_
@@ -214,22 +213,32 @@ def sdpa_on_row_kernel(p: _prepare.AttentionProblem) -> bool:
 
 def sdpa_rows(p: _prepare.AttentionProblem):
     """``_numba.attention`` on the row kernel (see ``sdpa_on_row_kernel``): key/value head g's
-    query heads are one "sequence" of a full cache of S keys, read in place."""
-    from types import SimpleNamespace
-    N, L, E = p.q.shape
-    n_kv, S, Ev = p.v.shape
+    query heads are one "sequence" of a full cache of S keys, read in place (p's arrays are
+    C-contiguous). Few steps in Python: this runs on every decode step of a model."""
+    import numba
+
+    from ._numba import _kernels, _lock, kernel_input
+    from .kernels.cpu import decode
+    N, L, _ = p.q.shape
+    Ev = p.v.shape[2]
     v = p.variants
-    a = SimpleNamespace(
-        dtype=p.dtype, in_dtype=p.q.dtype, B=n_kv, Hq=p.group, Hkv=1, Lq=L, E=E, Ev=Ev,
-        group=p.group, q=p.q.reshape(n_kv, p.group, L, E), k_cache=p.k.reshape(n_kv, 1, S, E),
-        v_cache=p.v.reshape(n_kv, 1, S, Ev), paged=False, block_table=None,
-        lengths=np.full(n_kv, S, np.int64), left=v.left, right=v.right, softcap=v.softcap,
-        alibi=v.alibi, scale=p.scale)
-    out, lse = _numba_decode(a, None)
-    return out.reshape(N, L, Ev), lse.reshape(N, L)
+    out = np.empty((N, L, Ev), p.dtype)
+    lse = np.empty((N, L), p.dtype)
+    slopes = _no_slopes(p.dtype) if v.alibi is None else np.ascontiguousarray(v.alibi, p.dtype)
+    _kernels()  # as every kernel call: the compile notice, the other pools quieted
+    with _lock:
+        decode.sdpa(kernel_input(p.q), kernel_input(p.k), kernel_input(p.v), out, lse,
+                    float(p.scale), p.group, int(v.left), int(v.right), float(v.softcap), slopes,
+                    v.alibi is not None, max(1, ROWS_PER_ITEM // p.group),
+                    (0, MIN_ITEMS, MIN_SPLIT_KEYS), numba.get_num_threads())
+    return out, lse
 
 
 def _numba_decode(a: _prepare.KVCacheArgs, num_splits):
+    import numba
+
+    from ._numba import _kernels, _lock
+    from .kernels.cpu import decode
     from .kernels.cpu.options import RowsLayout
     dtype = a.dtype
     B, Hq, Hkv, Lq, E, Ev, group = a.B, a.Hq, a.Hkv, a.Lq, a.E, a.Ev, a.group
@@ -237,30 +246,31 @@ def _numba_decode(a: _prepare.KVCacheArgs, num_splits):
     qbuf, qs = flat_view(a.q, a.in_dtype)
     kbuf, ks = flat_view(a.k_cache, a.in_dtype)
     vbuf, vs = flat_view(a.v_cache, a.in_dtype)
+    arange, zeros, one_block_each = _index_arrays(B)
     if a.paged:
-        table, block_size = a.block_table, a.k_cache.shape[2]
+        table, block_size = np.ascontiguousarray(a.block_table), a.k_cache.shape[2]
     else:  # a contiguous cache is a paged one of one block per row
-        table, block_size = np.arange(B, dtype=np.int64)[:, None], max(a.k_cache.shape[2], 1)
+        table, block_size = one_block_each, max(a.k_cache.shape[2], 1)
     out = np.empty((B, Hq, Lq, Ev), dtype)
     lse = np.empty((B, Hq, Lq), dtype)
-    arange = np.arange(B, dtype=np.int64)
-    zeros = np.zeros(B, np.int64)
-    rows = RowsLayout(arange * qs[0], qs[2], qs[1], np.ascontiguousarray(table),
-                      int(block_size), zeros, ks[0], ks[1], ks[2], zeros, vs[0], vs[1], vs[2],
-                      arange * (Hq * Lq * Ev), Ev, Lq * Ev, arange * (Hq * Lq), 1, Lq,
-                      a.lengths - Lq, group, E, Ev)
+    rows = RowsLayout(arange * qs[0], qs[2], qs[1], table, int(block_size), zeros, ks[0], ks[1],
+                      ks[2], zeros, vs[0], vs[1], vs[2], arange * (Hq * Lq * Ev), Ev, Lq * Ev,
+                      arange * (Hq * Lq), 1, Lq, a.lengths - Lq, group, E, Ev)
     variants = row_variants(a.left, a.right, a.softcap, a.alibi, Hq, a.scale, dtype)
-    per_item = max(1, ROWS_PER_ITEM // group)
-    blocks = []
-    for b in range(B):
-        n, offset = int(a.lengths[b]), int(a.lengths[b]) - Lq
-        for g in range(Hkv):
-            for t0 in range(0, Lq, per_item):
-                t1 = min(Lq, t0 + per_item)
-                blocks.append((b, g, t0, t1, *key_range(offset, t0, t1, n, a.left, a.right)))
-    if num_splits is None:
-        num_splits = default_num_splits(blocks)
-    if blocks:
-        run_rows(qbuf, kbuf, vbuf, out.reshape(-1), lse.reshape(-1), rows, variants, blocks,
-                 int(num_splits))
+    splits = (0 if num_splits is None else int(num_splits), MIN_ITEMS, MIN_SPLIT_KEYS)
+    if B * Hkv:
+        _kernels()  # as every kernel call: the compile notice, the other pools quieted
+        with _lock:
+            decode.run_cache(qbuf, kbuf, vbuf, out.reshape(-1), lse.reshape(-1), rows, variants,
+                             a.lengths, Lq, Hkv, max(1, ROWS_PER_ITEM // group), int(a.left),
+                             int(a.right), splits, numba.get_num_threads())
     return out, lse
+
+
+@functools.lru_cache(maxsize=64)
+def _index_arrays(B: int):
+    """0 .. B-1, B zeros and the block table of a contiguous cache (one block per sequence),
+    int64: made once per batch size, as every decode step needs them. Only the kernels read
+    them (left writable: a read-only array would be another compiled specialisation)."""
+    arange = np.arange(B, dtype=np.int64)
+    return arange, np.zeros(B, np.int64), arange[:, None].copy()

@@ -133,8 +133,10 @@ def _sync_for(device):
         torch.cuda.current_stream(device).synchronize()
 
 
-def _forward(query, key, value, attn_mask, is_causal, scale, enable_gqa, options):
-    """(out, lse) as tensors: out in the inputs' dtype, lse in the compute dtype."""
+def _forward(query, key, value, attn_mask, is_causal, scale, enable_gqa, options,
+             want_lse=True):
+    """(out, lse) as tensors: out in the inputs' dtype, lse in the compute dtype (None unless
+    ``want_lse``)."""
     device, dtype = query.device, query.dtype
     opts = {k: v for k, v in options.items() if k != "return_lse"}
     _sync_for(device)
@@ -145,8 +147,9 @@ def _forward(query, key, value, attn_mask, is_causal, scale, enable_gqa, options
         from numba import cuda
         cuda.default_stream().synchronize()
     out = _as_tensor(out, dtype, device)
-    lse = _as_tensor(lse, torch.float64 if dtype == torch.float64 else torch.float32, device)
-    return out, lse
+    if want_lse:
+        lse = _as_tensor(lse, torch.float64 if dtype == torch.float64 else torch.float32, device)
+    return out, (lse if want_lse else None)
 
 
 def _backward(grad_out, query, key, value, out, lse, attn_mask, is_causal, scale, enable_gqa,
@@ -213,5 +216,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     if needs_grad:
         return _Attention.apply(query, key, value, attn_mask, is_causal, scale, enable_gqa,
                                 options)
-    out, lse = _forward(query, key, value, attn_mask, is_causal, scale, enable_gqa, options)
-    return (out, lse) if options.get("return_lse") else out
+    want_lse = bool(options.get("return_lse"))
+    out, lse = _forward(query, key, value, attn_mask, is_causal, scale, enable_gqa, options,
+                        want_lse)
+    return (out, lse) if want_lse else out

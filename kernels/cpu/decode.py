@@ -20,6 +20,7 @@ from numba import prange
 from numba.extending import overload
 
 from ._jit import FASTMATH, exp_nonpositive, jit, maxnum, parallel_jit
+from .options import RowsLayout, RowVariants
 from .tile import ROWS, tile_product_add, tile_width
 from .widen import widen
 
@@ -266,6 +267,98 @@ def merge_rows(out, lse, part_out, part_lse, rows, merges):
     (measured in a transformers decode step: 25-35 us a call against a few us)."""
     for i in range(merges.shape[0]):
         _merge_item(merges[i], out, lse, part_out, part_lse, rows)
+
+
+@jit
+def run(qbuf, kbuf, vbuf, out, lse, rows, variants, blocks, splits, threads):
+    """Everything a call does after the host has listed its ``blocks`` (n, 6: sequence,
+    key/value head, first and end query position, first and end key): the ``schedule``,
+    ``attend_rows``, and ``merge_rows`` of the splits. ``splits``: (key splits per block, or 0
+    for ``default_splits`` with the two limits that follow).
+    One compiled call rather than three from Python: on a decode step inside a model the host's
+    work is a large share of the call, and each entry from Python costs tens of microseconds
+    there (its arguments typed anew, the interpreter's own data out of the caches)."""
+    nsplit = splits[0]
+    if nsplit == 0:
+        nsplit = default_splits(blocks, splits[1], splits[2])
+    items, slot_start, merges, parts = schedule(blocks, rows.group, nsplit, threads)
+    max_rows = 1
+    for i in range(blocks.shape[0]):
+        max_rows = max(max_rows, (blocks[i, 3] - blocks[i, 2]) * rows.group)
+    part_out = np.empty((max(parts, 1), rows.Ev), out.dtype)
+    part_lse = np.empty(max(parts, 1), out.dtype)
+    attend_rows(qbuf, kbuf, vbuf, out, lse, rows, variants, items, slot_start, max_rows,
+                part_out, part_lse)
+    if merges.shape[0]:
+        merge_rows(out, lse, part_out, part_lse, rows, merges)
+
+
+@jit
+def run_cache(qbuf, kbuf, vbuf, out, lse, rows, variants, lengths, Lq, Hkv, per_item, left,
+              right, splits, threads):
+    """``run`` on the blocks of a KV-cache problem (``cache_blocks``)."""
+    run(qbuf, kbuf, vbuf, out, lse, rows, variants,
+        cache_blocks(lengths, Lq, Hkv, per_item, left, right), splits, threads)
+
+
+@jit
+def sdpa(q, k, v, out, lse, scale, group, left, right, softcap, alibi, has_alibi, per_item,
+         splits, threads):
+    """Scaled dot-product attention of a few query rows per key/value head on the row kernel
+    (``run``), every array C-contiguous: q (N, L, E) with N = n_kv * group, k (n_kv, S, E),
+    v (n_kv, S, Ev), out (N, L, Ev), lse (N, L). Key/value head g is a "sequence" of S keys
+    whose query heads are query heads g * group ...; its queries sit bottom-right on the keys
+    (the row kernel's alignment). The layout is built here, not by the host: on a decode step
+    inside a model, typing two named tuples of two dozen fields at the call, and building
+    them in Python, cost more than the kernel's own time on a short cache."""
+    N, L, E = q.shape
+    n_kv, S, Ev = v.shape
+    first = np.arange(n_kv) * (group * L * E)
+    zeros = np.zeros(n_kv, np.int64)
+    rows = RowsLayout(first, E, L * E, np.arange(n_kv).reshape(n_kv, 1), max(S, 1), zeros,
+                      S * E, 0, E, zeros, S * Ev, 0, Ev, np.arange(n_kv) * (group * L * Ev), Ev,
+                      L * Ev, np.arange(n_kv) * (group * L), 1, L,
+                      np.full(n_kv, S - L, np.int64), group, E, Ev)
+    variants = RowVariants(scale, left, right, softcap, alibi, has_alibi, group)
+    lengths = np.full(n_kv, S, np.int64)
+    run(q.reshape(-1), k.reshape(-1), v.reshape(-1), out.reshape(-1), lse.reshape(-1), rows,
+        variants, cache_blocks(lengths, L, 1, per_item, left, right), splits, threads)
+
+
+@jit
+def cache_blocks(lengths, Lq, Hkv, per_item, left, right):
+    """The blocks (n, 6) of a KV-cache problem: for each sequence b (``lengths[b]`` keys, its Lq
+    queries on the last ones), key/value head and ``per_item`` query positions, the keys
+    [lo, hi) that the window (p - left <= j <= p + right) lets those positions see."""
+    B = lengths.shape[0]
+    per_head = -(-Lq // per_item)
+    blocks = np.empty((B * Hkv * per_head, 6), np.int64)
+    i = 0
+    for b in range(B):
+        n = lengths[b]
+        offset = n - Lq
+        for g in range(Hkv):
+            for t0 in range(0, Lq, per_item):
+                t1 = min(Lq, t0 + per_item)
+                lo = max(0, offset + t0 - left)
+                hi = max(lo, min(n, offset + t1 - 1 + right + 1))
+                blocks[i, 0], blocks[i, 1], blocks[i, 2], blocks[i, 3] = b, g, t0, t1
+                blocks[i, 4], blocks[i, 5] = lo, hi
+                i += 1
+    return blocks
+
+
+@jit
+def default_splits(blocks, min_items, min_split_keys):
+    """Key splits per block (n, 6; its last two columns a key range) when the caller gave
+    none: enough work items for ``min_items``, each split at least ``min_split_keys`` long."""
+    n = blocks.shape[0]
+    if n >= min_items:
+        return 1
+    longest = 0
+    for i in range(n):
+        longest = max(longest, blocks[i, 5] - blocks[i, 4])
+    return max(1, min(-(-min_items // max(n, 1)), longest // min_split_keys))
 
 
 @jit

@@ -1,8 +1,11 @@
 """Kernel arguments that travel together, as small named tuples.
 
-Numba passes a named tuple of arrays and scalars to a jitted function at no cost and caches
-functions that take one, so each option family is one argument: kernel signatures stay short and
-every call site says what it passes. The host side (``fastattn._numba``) builds them.
+Numba passes a named tuple of arrays and scalars to a jitted function and caches functions that
+take one, so each option family is one argument: kernel signatures stay short and every call site
+says what it passes. The host side (``fastattn._numba``) builds them. The call types each field
+in Python (about 1.6 us for 23 fields against 0.7 for a plain tuple, measured warm, and ten
+times that on a decode step inside a model), so the per-step decode path builds its bundles in
+compiled code (``decode.sdpa``).
 """
 from typing import NamedTuple
 
