@@ -212,25 +212,33 @@ def sdpa_on_row_kernel(p: _prepare.AttentionProblem) -> bool:
 
 
 def sdpa_rows(p: _prepare.AttentionProblem):
-    """``_numba.attention`` on the row kernel (see ``sdpa_on_row_kernel``): key/value head g's
-    query heads are one "sequence" of a full cache of S keys, read in place (p's arrays are
-    C-contiguous). Few steps in Python: this runs on every decode step of a model."""
+    """``_numba.attention`` on the row kernel (see ``sdpa_on_row_kernel``)."""
+    v = p.variants
+    return row_kernel_sdpa(p.q, p.k, p.v, p.dtype, p.scale, p.group, v.left, v.right, v.softcap,
+                           v.alibi)
+
+
+def row_kernel_sdpa(q, k, v, dtype, scale, group, left=_prepare.NO_LIMIT,
+                    right=_prepare.NO_LIMIT, softcap=0.0, alibi=None):
+    """(out (N, L, Ev), lse (N, L)) in the compute ``dtype`` of C-contiguous q (N, L, E), k
+    (n_kv, S, E), v (n_kv, S, Ev), N = n_kv * group, the queries bottom-right on the keys: key/value
+    head g's query heads are one "sequence" of a full cache of S keys, read in place. Few steps
+    in Python: this runs on every decode step of a model (``fastattn.torch`` calls it
+    directly for a plain decode step)."""
     import numba
 
     from ._numba import _kernels, _lock, kernel_input
     from .kernels.cpu import decode
-    N, L, _ = p.q.shape
-    Ev = p.v.shape[2]
-    v = p.variants
-    out = np.empty((N, L, Ev), p.dtype)
-    lse = np.empty((N, L), p.dtype)
-    slopes = _no_slopes(p.dtype) if v.alibi is None else np.ascontiguousarray(v.alibi, p.dtype)
+    N, L, _ = q.shape
+    out = np.empty((N, L, v.shape[2]), dtype)
+    lse = np.empty((N, L), dtype)
+    slopes = _no_slopes(dtype) if alibi is None else np.ascontiguousarray(alibi, dtype)
     _kernels()  # as every kernel call: the compile notice, the other pools quieted
     with _lock:
-        decode.sdpa(kernel_input(p.q), kernel_input(p.k), kernel_input(p.v), out, lse,
-                    float(p.scale), p.group, int(v.left), int(v.right), float(v.softcap), slopes,
-                    v.alibi is not None, max(1, ROWS_PER_ITEM // p.group),
-                    (0, MIN_ITEMS, MIN_SPLIT_KEYS), numba.get_num_threads())
+        decode.sdpa(kernel_input(q), kernel_input(k), kernel_input(v), out, lse, float(scale),
+                    group, int(left), int(right), float(softcap), slopes, alibi is not None,
+                    max(1, ROWS_PER_ITEM // group), (0, MIN_ITEMS, MIN_SPLIT_KEYS),
+                    numba.get_num_threads())
     return out, lse
 
 

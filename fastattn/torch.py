@@ -25,6 +25,8 @@ This module imports torch; ``import fastattn`` never does.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -183,6 +185,51 @@ class _Attention(torch.autograd.Function):
                 None, None, None, None, None)
 
 
+# The dtypes of ``_decode_step``, by the torch dtype (16-bit ones take the general path, which
+# rounds the float32 result back).
+_DECODE_STEP_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+
+
+def _decode_step(query, key, value, scale, enable_gqa):
+    """The output of a plain call with few query rows per key/value head (a decode step):
+    contiguous 4-d float32/float64 CPU tensors needing no grad, no mask, not causal, no
+    option. Computed by the row kernel exactly as the general path computes it, with a few
+    checks instead of that path's, because a decode step inside a model spent more time in
+    them than in the kernel (host work measured 3-5x slower there than in a loop of calls: the
+    model's weights stream through the caches between calls). None for any other call: the
+    general path then checks and computes it."""
+    dtype = _DECODE_STEP_DTYPES.get(query.dtype) if type(query) is torch.Tensor else None
+    if (dtype is None or type(key) is not torch.Tensor or type(value) is not torch.Tensor
+            or key.dtype != query.dtype or value.dtype != query.dtype
+            or query.dim() != 4 or key.dim() != 4 or value.dim() != 4
+            or query.device.type != "cpu" or key.device.type != "cpu"
+            or value.device.type != "cpu"
+            or query.requires_grad or key.requires_grad or value.requires_grad
+            or not (query.is_contiguous() and key.is_contiguous() and value.is_contiguous())):
+        return None
+    B, Hq, L, E = query.shape
+    Bk, Hkv, S, Ek = key.shape
+    if (value.shape[:3] != key.shape[:3] or Bk != B or Ek != E or 0 in query.shape
+            or 0 in value.shape or Hq % Hkv or (Hq != Hkv and enable_gqa is not True)
+            or L * (Hq // Hkv) > _kvcache().SDPA_ROW_KERNEL_MAX_ROWS
+            or not (scale is None or type(scale) is float and math.isfinite(scale))):
+        return None
+    from . import _backends
+    if _backends.numba_unavailable_reason() is not None:
+        return None
+    Ev = value.shape[3]
+    out, _ = _kvcache().row_kernel_sdpa(
+        query.numpy().reshape(B * Hq, L, E), key.numpy().reshape(B * Hkv, S, E),
+        value.numpy().reshape(B * Hkv, S, Ev), dtype,
+        1.0 / math.sqrt(E) if scale is None else scale, Hq // Hkv)
+    return torch.from_numpy(out.reshape(B, Hq, L, Ev))
+
+
+def _kvcache():
+    from . import kvcache
+    return kvcache
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale=None, enable_gqa: bool = False,
                                  **fastattn_options):
@@ -199,6 +246,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     their gradients with the fused backward (not through ``attn_mask``, ``alibi_slopes`` or the
     lse: a tensor needing grad there raises ``ValueError``).
     """
+    if (attn_mask is None and is_causal is False and not fastattn_options
+            and type(dropout_p) in (float, int) and dropout_p == 0):
+        out = _decode_step(query, key, value, scale, enable_gqa)
+        if out is not None:
+            return out
     options = _options(fastattn_options)
     alibi = options.get("alibi_slopes")
     _check_tensors(query, key, value, attn_mask, alibi)

@@ -289,6 +289,88 @@ def test_inputs_that_need_grad_are_not_copied(rng, kernel_inputs):
     assert out.grad_fn is not None
 
 
+DECODE_STEPS = [((2, 8, 1, 16), (2, 2, 300, 16), True), ((1, 4, 2, 8), (1, 4, 33, 8), False),
+                ((3, 16, 1, 32), (3, 1, 9, 32), True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shapes", DECODE_STEPS, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_a_decode_step_skips_the_general_checks_with_the_same_bits(rng, monkeypatch, dtype,
+                                                                    shapes):
+    """A plain call with few query rows per key/value head (a decode step in transformers)
+    goes straight to the row kernel, without the general path (patched to fail here), and
+    gives the bits the general path gives (``backend="numba"`` takes it), in place."""
+    from fastattn import _prepare
+    shape_q, shape_k, gqa = shapes
+    q, k, v = (torch.from_numpy(x).to(dtype) for x in make(rng, shape_q, shape_k))
+    general = ft.scaled_dot_product_attention(q, k, v, scale=0.3, enable_gqa=gqa,
+                                              backend="numba")
+    before = [t.clone() for t in (q, k, v)]
+
+    def no_general_path(*args, **kwargs):
+        raise AssertionError("the decode step took the general path")
+
+    monkeypatch.setattr(_prepare, "prepare_attention", no_general_path)
+    out = ft.scaled_dot_product_attention(q, k, v, scale=0.3, enable_gqa=gqa)
+    assert out.dtype == dtype and out.shape == general.shape
+    assert torch.equal(out.view(torch.uint8), general.view(torch.uint8))
+    exact = reference.scaled_dot_product_attention(*(t.double().numpy() for t in (q, k, v)),
+                                                   scale=0.3, enable_gqa=gqa)
+    plain = reference.scaled_dot_product_attention(*(t.numpy() for t in (q, k, v)), scale=0.3,
+                                                   enable_gqa=gqa)
+    err, plain_err = np.abs(out.double().numpy() - exact).max(), np.abs(plain - exact).max()
+    assert err <= (1e-12 if dtype == torch.float64 else 2 * plain_err + 1e-6)
+    for t, b in zip((q, k, v), before):
+        assert torch.equal(t, b)
+
+
+def _decode_step_taken(monkeypatch):
+    taken = []
+    step = ft._decode_step
+    monkeypatch.setattr(ft, "_decode_step",
+                        lambda *a: taken.append(step(*a) is not None) or step(*a))
+    return taken
+
+
+@pytest.mark.parametrize("case", ["grad", "mask", "causal", "strided", "bfloat16", "option",
+                                  "many rows", "no gqa flag"])
+def test_other_calls_keep_the_general_path(rng, monkeypatch, case):
+    q, k, v = (torch.from_numpy(x.astype(np.float32)) for x in make(rng, (2, 4, 1, 16),
+                                                                     (2, 2, 40, 16)))
+    kwargs = dict(enable_gqa=True)
+    if case == "grad":
+        q.requires_grad_()
+    elif case == "mask":
+        kwargs["attn_mask"] = torch.ones(40, dtype=torch.bool)
+    elif case == "causal":
+        kwargs["is_causal"] = True
+    elif case == "strided":
+        k = torch.from_numpy(rng.standard_normal((2, 2, 16, 40)).astype(np.float32)).transpose(2, 3)
+    elif case == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    elif case == "option":
+        kwargs["softcap"] = 5.0
+    elif case == "many rows":
+        q = torch.from_numpy(rng.standard_normal((2, 4, 9, 16)).astype(np.float32))
+    elif case == "no gqa flag":
+        kwargs["enable_gqa"] = False
+    taken = _decode_step_taken(monkeypatch)
+    if case == "no gqa flag":
+        with pytest.raises(ValueError, match="enable_gqa"):
+            ft.scaled_dot_product_attention(q, k, v, **kwargs)
+        assert not any(taken)
+        return
+    out = ft.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert not any(taken)
+    mask = kwargs.pop("attn_mask", None)
+    expected = reference.scaled_dot_product_attention(
+        *(t.detach().float().double().numpy() for t in (q, k, v)),
+        None if mask is None else mask.numpy(), **kwargs)
+    np.testing.assert_allclose(out.detach().float().numpy(), expected,
+                               atol=2e-2 if case == "bfloat16" else 1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_sixteen_bit_inputs_are_read_in_place(rng, kernel_inputs, dtype):
     """No float32 copy: the kernel reads the tensors' own 16-bit memory (bfloat16 through
