@@ -40,7 +40,8 @@ def _kernels():
 # What a user waits for when a kernel compiles (measured on a 2-core Zen 3; see the README's "JIT
 # cost"), said once per kernel and dtype, and only when Numba's cache does not have it.
 COMPILE_SECONDS = {"attention": 17, "attention_weights": 3, "softmax": 2, "similarity": 2,
-                   "attention_backward": 20, "attend_rows": 20, "merge_rows": 3, "linear": 3}
+                   "attention_backward": 20, "linear": 3, "attend_sdpa_rows": 15,
+                   "attend_cache": 15, "attend_blocks": 15}
 _announced = set()
 # The integer views that 16-bit inputs reach the kernels as (``kernel_input``), by what they hold.
 SIXTEEN_BIT_NAMES = {"int16": "float16", "uint16": "bfloat16"}
@@ -53,7 +54,14 @@ def _announce_compiles() -> None:
     from numba.core import event
 
     class CompileNotice(event.Listener):
+        # Compiles nest (a kernel's compile compiles the functions it calls): only the
+        # outermost is said, with the time of the whole.
+        depth = 0
+
         def on_start(self, ev):
+            self.depth += 1
+            if self.depth > 1:
+                return
             dispatcher = ev.data["dispatcher"]
             name = dispatcher.py_func.__name__
             module = getattr(dispatcher.py_func, "__module__", "") or ""
@@ -69,7 +77,7 @@ def _announce_compiles() -> None:
                   file=sys.stderr, flush=True)
 
         def on_end(self, ev):
-            pass
+            self.depth -= 1
 
     event.register("numba:compile", CompileNotice())
 

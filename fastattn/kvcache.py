@@ -188,8 +188,8 @@ def run_rows(qbuf, kbuf, vbuf, out, lse, rows, variants, blocks, nsplit):
     _kernels()  # as every kernel call: the compile notice, the other pools quieted
     blocks = np.array(blocks, np.int64).reshape(-1, 6)
     with _lock:
-        decode.run(qbuf, kbuf, vbuf, out, lse, rows, variants, blocks, (nsplit, 0, 0),
-                   numba.get_num_threads())
+        decode.attend_blocks(qbuf, kbuf, vbuf, out, lse, rows, variants, blocks, (nsplit, 0, 0),
+                             numba.get_num_threads())
 
 
 # Up to this many query rows per key/value head (L times the group), ``scaled_dot_product_
@@ -235,10 +235,11 @@ def row_kernel_sdpa(q, k, v, dtype, scale, group, left=_prepare.NO_LIMIT,
     slopes = _no_slopes(dtype) if alibi is None else np.ascontiguousarray(alibi, dtype)
     _kernels()  # as every kernel call: the compile notice, the other pools quieted
     with _lock:
-        decode.sdpa(kernel_input(q), kernel_input(k), kernel_input(v), out, lse, float(scale),
-                    group, int(left), int(right), float(softcap), slopes, alibi is not None,
-                    max(1, ROWS_PER_ITEM // group), (0, MIN_ITEMS, MIN_SPLIT_KEYS),
-                    numba.get_num_threads())
+        decode.attend_sdpa_rows(
+            kernel_input(q), kernel_input(k), kernel_input(v), out, lse, float(scale), group,
+            int(left), int(right), float(softcap), slopes, alibi is not None,
+            max(1, ROWS_PER_ITEM // group), (0, MIN_ITEMS, MIN_SPLIT_KEYS),
+            numba.get_num_threads())
     return out, lse
 
 
@@ -269,9 +270,9 @@ def _numba_decode(a: _prepare.KVCacheArgs, num_splits):
     if B * Hkv:
         _kernels()  # as every kernel call: the compile notice, the other pools quieted
         with _lock:
-            decode.run_cache(qbuf, kbuf, vbuf, out.reshape(-1), lse.reshape(-1), rows, variants,
-                             a.lengths, Lq, Hkv, max(1, ROWS_PER_ITEM // group), int(a.left),
-                             int(a.right), splits, numba.get_num_threads())
+            decode.attend_cache(qbuf, kbuf, vbuf, out.reshape(-1), lse.reshape(-1), rows,
+                                variants, a.lengths, Lq, Hkv, max(1, ROWS_PER_ITEM // group),
+                                int(a.left), int(a.right), splits, numba.get_num_threads())
     return out, lse
 
 

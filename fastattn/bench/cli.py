@@ -675,7 +675,7 @@ def run_standalone(args, progress: Progress) -> list:
                 cases.append({"key": f"{impl} {p.label()}", "impl": impl,
                               "problem": {k: getattr(p, k) for k in Problem.__dataclass_fields__}})
     timing = measure.standalone_quieting_on_off(
-        cases, args.threads, rounds=2 if args.quick else 5, min_runs=3 if args.quick else 7,
+        cases, args.threads, rounds=2 if args.quick else 7, min_runs=3 if args.quick else 7,
         on_round=lambda r, n, setting: progress.show(
             (2 * r + 0.5) / (2 * n), f"standalone, quieting {setting}, round {r + 1}/{n}"))
     records = []

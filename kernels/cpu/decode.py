@@ -270,7 +270,7 @@ def merge_rows(out, lse, part_out, part_lse, rows, merges):
 
 
 @jit
-def run(qbuf, kbuf, vbuf, out, lse, rows, variants, blocks, splits, threads):
+def attend_blocks(qbuf, kbuf, vbuf, out, lse, rows, variants, blocks, splits, threads):
     """Everything a call does after the host has listed its ``blocks`` (n, 6: sequence,
     key/value head, first and end query position, first and end key): the ``schedule``,
     ``attend_rows``, and ``merge_rows`` of the splits. ``splits``: (key splits per block, or 0
@@ -294,18 +294,18 @@ def run(qbuf, kbuf, vbuf, out, lse, rows, variants, blocks, splits, threads):
 
 
 @jit
-def run_cache(qbuf, kbuf, vbuf, out, lse, rows, variants, lengths, Lq, Hkv, per_item, left,
-              right, splits, threads):
-    """``run`` on the blocks of a KV-cache problem (``cache_blocks``)."""
-    run(qbuf, kbuf, vbuf, out, lse, rows, variants,
-        cache_blocks(lengths, Lq, Hkv, per_item, left, right), splits, threads)
+def attend_cache(qbuf, kbuf, vbuf, out, lse, rows, variants, lengths, Lq, Hkv, per_item,
+                 left, right, splits, threads):
+    """``attend_blocks`` on the blocks of a KV-cache problem (``cache_blocks``)."""
+    attend_blocks(qbuf, kbuf, vbuf, out, lse, rows, variants,
+                  cache_blocks(lengths, Lq, Hkv, per_item, left, right), splits, threads)
 
 
 @jit
-def sdpa(q, k, v, out, lse, scale, group, left, right, softcap, alibi, has_alibi, per_item,
-         splits, threads):
+def attend_sdpa_rows(q, k, v, out, lse, scale, group, left, right, softcap, alibi, has_alibi,
+                     per_item, splits, threads):
     """Scaled dot-product attention of a few query rows per key/value head on the row kernel
-    (``run``), every array C-contiguous: q (N, L, E) with N = n_kv * group, k (n_kv, S, E),
+    (``attend_blocks``), every array C-contiguous: q (N, L, E) with N = n_kv * group, k (n_kv, S, E),
     v (n_kv, S, Ev), out (N, L, Ev), lse (N, L). Key/value head g is a "sequence" of S keys
     whose query heads are query heads g * group ...; its queries sit bottom-right on the keys
     (the row kernel's alignment). The layout is built here, not by the host: on a decode step
@@ -321,8 +321,9 @@ def sdpa(q, k, v, out, lse, scale, group, left, right, softcap, alibi, has_alibi
                       np.full(n_kv, S - L, np.int64), group, E, Ev)
     variants = RowVariants(scale, left, right, softcap, alibi, has_alibi, group)
     lengths = np.full(n_kv, S, np.int64)
-    run(q.reshape(-1), k.reshape(-1), v.reshape(-1), out.reshape(-1), lse.reshape(-1), rows,
-        variants, cache_blocks(lengths, L, 1, per_item, left, right), splits, threads)
+    attend_blocks(q.reshape(-1), k.reshape(-1), v.reshape(-1), out.reshape(-1), lse.reshape(-1),
+                  rows, variants, cache_blocks(lengths, L, 1, per_item, left, right), splits,
+                  threads)
 
 
 @jit

@@ -1,0 +1,20 @@
+import time, statistics
+import fastattn, numpy as np
+from fastattn.bench import impls
+cases = impls.pipeline_cases("float32")
+pair = [c for c in cases if c.get("kind") == "pair"]
+mm, att = pair[0]["steps"]["matmul"], pair[0]["steps"]["attention"]
+for f in (mm, att): f(); f()
+def med(xs): return statistics.median(xs)*1e3
+res=[]
+for r in range(3):
+    t={"mm":[], "att":[], "pair":[], "pmm":[], "patt":[]}
+    for _ in range(30):
+        a=time.perf_counter(); mm(); t["mm"].append(time.perf_counter()-a)
+    for _ in range(30):
+        a=time.perf_counter(); att(); t["att"].append(time.perf_counter()-a)
+    for _ in range(30):
+        a=time.perf_counter(); mm(); b=time.perf_counter(); att(); c=time.perf_counter(); t["pair"].append(c-a); t["pmm"].append(b-a); t["patt"].append(c-b)
+    m={k:med(v) for k,v in t.items()}
+    res.append(m["pair"]/(m["mm"]+m["att"]))
+    print(" ".join(f"{k} {v:.3f}" for k,v in m.items()), f"ratio {res[-1]:.3f}")
