@@ -84,7 +84,6 @@ if _SIMULATOR:
                  kernels.MmaTiles(warps=1, block_k=16, features=32, block_v=16))
 
 
-
 def _lock_simulator_shared_arrays() -> None:
     """Numba's CUDA simulator (numba-cuda 0.30.4 and earlier) hands out ``cuda.shared.array``
     from a dict keyed by the calling line and filled with no lock: a block's threads, Python

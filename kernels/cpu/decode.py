@@ -275,6 +275,7 @@ def attend_blocks(qbuf, kbuf, vbuf, out, lse, rows, variants, blocks, splits, th
     key/value head, first and end query position, first and end key): the ``schedule``,
     ``attend_rows``, and ``merge_rows`` of the splits. ``splits``: (key splits per block, or 0
     for ``default_splits`` with the two limits that follow).
+
     One compiled call rather than three from Python: on a decode step inside a model the host's
     work is a large share of the call, and each entry from Python costs tens of microseconds
     there (its arguments typed anew, the interpreter's own data out of the caches)."""
@@ -305,8 +306,8 @@ def attend_cache(qbuf, kbuf, vbuf, out, lse, rows, variants, lengths, Lq, Hkv, p
 def attend_sdpa_rows(q, k, v, out, lse, scale, group, left, right, softcap, alibi, has_alibi,
                      per_item, splits, threads):
     """Scaled dot-product attention of a few query rows per key/value head on the row kernel
-    (``attend_blocks``), every array C-contiguous: q (N, L, E) with N = n_kv * group, k (n_kv, S, E),
-    v (n_kv, S, Ev), out (N, L, Ev), lse (N, L). Key/value head g is a "sequence" of S keys
+    (``attend_blocks``), every array C-contiguous: q (N, L, E) with N = n_kv * group,
+    k (n_kv, S, E), v (n_kv, S, Ev), out (N, L, Ev), lse (N, L). Key/value head g is a "sequence" of S keys
     whose query heads are query heads g * group ...; its queries sit bottom-right on the keys
     (the row kernel's alignment). The layout is built here, not by the host: on a decode step
     inside a model, typing two named tuples of two dozen fields at the call, and building
