@@ -116,6 +116,7 @@ _state = {"numba_pool": None, "skipped_threads": 0}
 _early_runtime = []  # the OpenMP runtime loaded at import, kept so that it is never unloaded
 _NUMBA_OMP_LAYERS = ("default", "omp", "threadsafe", "forksafe")
 _openblas_pools = None   # [(path, config, shutdown function)], found on first use
+_server_running = {}     # path -> OpenBLAS's blas_server_avail (a ctypes int), or None
 _pools_lock = threading.Lock()
 
 
@@ -151,6 +152,10 @@ def _find_openblas_pools() -> list:
         shutdown = lib.blas_thread_shutdown_
         shutdown.restype = ctypes.c_int
         pools.append((path, text, shutdown))
+        try:  # 1 while its workers exist (OpenBLAS's own flag, read without a call)
+            _server_running[path] = ctypes.c_int.in_dll(lib, "blas_server_avail")
+        except ValueError:
+            _server_running[path] = None
     return pools
 
 
@@ -173,6 +178,12 @@ def quiet_other_pools() -> bool:
     pools = openblas_pools()
     if not pools:
         return False
+    # Only the pools whose workers exist: on a decode step inside a PyTorch model NumPy's pools
+    # are at rest, and shutting them down again cost ~30 us a call there.
+    running = [shutdown for path, _, shutdown in pools
+               if _server_running.get(path) is None or _server_running[path].value]
+    if not running:
+        return True
     python_threads = len(sys._current_frames())
     if python_threads > 1:
         # fastattn's own worker threads (flex's pool, named "fastattn...") never run a BLAS
@@ -183,7 +194,7 @@ def quiet_other_pools() -> bool:
             _state["skipped_threads"] += 1
             return False
     with _pools_lock:
-        for _, _, shutdown in pools:
+        for shutdown in running:
             shutdown()
     return True
 
