@@ -325,11 +325,15 @@ def test_a_decode_step_skips_the_general_checks_with_the_same_bits(rng, monkeypa
 
 
 def _decode_step_taken(monkeypatch):
-    taken = []
-    step = ft._decode_step
+    """(whether each _decode_step call computed the output, the general path's prepare calls)"""
+    from fastattn import _prepare
+    taken, general = [], []
+    step, prepare = ft._decode_step, _prepare.prepare_attention
     monkeypatch.setattr(ft, "_decode_step",
                         lambda *a: taken.append(step(*a) is not None) or step(*a))
-    return taken
+    monkeypatch.setattr(_prepare, "prepare_attention",
+                        lambda *a, **k: general.append(1) or prepare(*a, **k))
+    return taken, general
 
 
 @pytest.mark.parametrize("case", ["grad", "mask", "causal", "strided", "bfloat16", "option",
@@ -356,14 +360,14 @@ def test_other_calls_keep_the_general_path(rng, monkeypatch, case):
         q = torch.from_numpy(rng.standard_normal((2, 4, 9, 16)).astype(np.float32))
     elif case == "no gqa flag":
         kwargs["enable_gqa"] = False
-    taken = _decode_step_taken(monkeypatch)
+    taken, general = _decode_step_taken(monkeypatch)
     if case == "no gqa flag":
         with pytest.raises(ValueError, match="enable_gqa"):
             ft.scaled_dot_product_attention(q, k, v, **kwargs)
-        assert not any(taken)
+        assert not any(taken) and general
         return
     out = ft.scaled_dot_product_attention(q, k, v, **kwargs)
-    assert not any(taken)
+    assert not any(taken) and general
     mask = kwargs.pop("attn_mask", None)
     expected = reference.scaled_dot_product_attention(
         *(t.detach().float().double().numpy() for t in (q, k, v)),
