@@ -4,8 +4,10 @@ float32 as they are loaded, computed in float32 and returned in their own dtype.
 The accuracy rule for a 16-bit result: against the float64 reference on the same (16-bit)
 inputs, the max error is at most 2x that of the plain NumPy computation delivered in that dtype
 (float32 on the widened inputs, rounded to the 16-bit dtype), plus 1e-6. Since widening is
-exact, the fused kernel must also give, bit for bit, its own float32 result on the widened
-inputs, rounded to the 16-bit dtype (the row kernels within one 16-bit step of it).
+exact, the kernels must also give their own float32 result on the widened inputs, rounded to the
+16-bit dtype, to within one 16-bit step (and the lse to float32's rounding): not bit for bit,
+because each specialisation's float32 sums are vectorised by LLVM as it was compiled
+(reassociation allowed), see ``assert_within_one_step``.
 """
 import tracemalloc
 
@@ -36,9 +38,14 @@ def ordered(x):
 
 
 def assert_within_one_step(got, want):
-    """The row kernels' float32 sums may run in another order for 16-bit loads (LLVM vectorises
-    each specialisation's loops its own way, reassociation allowed): their 16-bit results agree
-    with the float32 kernel's rounded to within one step of the 16-bit dtype."""
+    """A kernel's float32 sums may run in another order for 16-bit loads: LLVM vectorises each
+    specialisation's loops its own way (reassociation allowed), and the way can follow what else
+    was compiled in the same process (measured on a Zen 4 VM: the fused kernel's 16-bit results
+    were bit for bit its float32 ones rounded when both came from Numba's cache, and one step
+    apart in 1 of 22400 values, the lse in the last float32 bit in 0.2-3.6% of rows, when the
+    16-bit kernel was compiled after the rest of the suite's kernels and the float32 one in an
+    earlier process). So the 16-bit results agree with the float32 kernel's rounded to within
+    one step of the 16-bit dtype."""
     assert np.max(np.abs(ordered(got) - ordered(want))) <= 1
 
 
@@ -142,17 +149,21 @@ def test_sdpa(rng, dtype, backend, case):
     # widening is exact: the float32 computation on the widened inputs, rounded
     want_out, want_lse = fastattn.scaled_dot_product_attention(
         *widened(q, k, v, mask), return_lse=True, backend=backend, **options)
-    np.testing.assert_array_equal(bits(got[0]), bits(want_out.astype(dtype)))
-    np.testing.assert_array_equal(got[1], want_lse)
+    assert_within_one_step(got[0], want_out.astype(dtype))
+    np.testing.assert_allclose(got[1], want_lse, rtol=1e-6)
 
 
 def test_sdpa_strided_inputs(rng, dtype):
     q, k, v = qkv(rng, dtype, (2, 40, 4, 16), (2, 50, 4, 16))  # (B, L, H, E): heads strided
     q, k, v = (np.swapaxes(x, 1, 2) for x in (q, k, v))
     got = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True, backend="numba")
+    # the same kernel on contiguous copies, bit for bit; the float32 one within one step
+    same = fastattn.scaled_dot_product_attention(*(np.ascontiguousarray(x) for x in (q, k, v)),
+                                                 is_causal=True, backend="numba")
+    np.testing.assert_array_equal(bits(got), bits(same))
     want = fastattn.scaled_dot_product_attention(*widened(q, k, v), is_causal=True,
                                                  backend="numba")
-    np.testing.assert_array_equal(bits(got), bits(want.astype(dtype)))
+    assert_within_one_step(got, want.astype(dtype))
 
 
 @pytest.fixture
