@@ -150,7 +150,7 @@ def test_sdpa(rng, dtype, backend, case):
     want_out, want_lse = fastattn.scaled_dot_product_attention(
         *widened(q, k, v, mask), return_lse=True, backend=backend, **options)
     assert_within_one_step(got[0], want_out.astype(dtype))
-    np.testing.assert_allclose(got[1], want_lse, rtol=1e-6)
+    np.testing.assert_allclose(got[1], want_lse, rtol=1e-6, atol=1e-6)  # (an lse near 0)
 
 
 def test_sdpa_strided_inputs(rng, dtype):
