@@ -280,3 +280,28 @@ def test_static_cache_generation(calls):
         got = model.generate(ids, **kw)
     assert torch.equal(got, want)
     assert any(c["query"].shape[-2] == 1 for c in calls)
+
+
+
+def test_the_source_trees_kernels_never_stand_in_for_an_installed_package():
+    """transformers imports Hugging Face's ``kernels`` when it is installed (CI installs it);
+    run from the source tree, the tree's own kernels/ must not be what it gets, and the path is
+    left as it was."""
+    import importlib.metadata
+    import sys
+
+    path = list(sys.path)
+    fa_hf._installed_kernels_first()
+    assert sys.path == path
+    try:
+        importlib.metadata.distribution("kernels")
+        installed = True
+    except importlib.metadata.PackageNotFoundError:
+        installed = False
+    transformers.AttentionInterface  # the import that reaches for ``kernels``
+    module = sys.modules.get("kernels")
+    tree_kernels = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ft.__file__))),
+                                "kernels")
+    ours = module is not None and os.path.abspath(
+        getattr(module, "__file__", "") or "").startswith(tree_kernels + os.sep)
+    assert not (installed and ours), module

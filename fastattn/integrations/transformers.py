@@ -19,6 +19,41 @@ place. Training runs through :func:`fastattn.torch.scaled_dot_product_attention`
 """
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+import os
+import sys
+
+
+def _installed_kernels_first() -> None:
+    """Run from fastattn's source tree (its root on the path, as ``python -m pytest`` puts it),
+    the tree's ``kernels/`` (which fastattn loads as ``fastattn.kernels``) is importable as a
+    top-level ``kernels`` and shadows Hugging Face's package of that name, which transformers
+    5.25 imports when it is installed (``from kernels import CUDAProperties`` failed). So the
+    installed one is imported first, with the tree off the path for that import only."""
+    if "kernels" in sys.modules:
+        return
+    tree = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.find_spec("kernels")
+    if spec is None or not spec.origin or \
+            os.path.dirname(os.path.dirname(os.path.abspath(spec.origin))) != tree:
+        return
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != tree]
+    try:
+        importlib.import_module("kernels")
+    except Exception:  # transformers will say what is wrong with it
+        sys.modules.pop("kernels", None)
+    finally:
+        sys.path[:] = saved
+
+
+_installed_kernels_first()
+
 try:
     import torch
     from transformers import AttentionInterface
