@@ -1,4 +1,14 @@
+import os
+import sys
+
 from setuptools import setup
+
+# Run from here, this directory is on the path, and its kernels/ (installed as fastattn.kernels)
+# would stand in for an installed package named `kernels`: Hugging Face's (which transformers
+# 5.25 brings) hooks into egg_info and imports kernels._internals, which failed the build.
+# Nothing below imports from this directory by name.
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
 
 setup(
     name="fastattn",
